@@ -1,0 +1,78 @@
+"""Fixed-shape KV cache addressed by position (design.md, "Model and KV cache").
+
+Slot s of an example holds the keys/values and segment ids of that example's
+token at position s; there is no left padding and every example may be at a
+different offset. Writing a slot again overwrites it, which is how a denoising
+round rewrites its group and the commit pass stores the final keys/values.
+Empty slots have ``visible_from = NEVER`` and ``block_id = 0``, so the segment
+rule never lets a query see them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.structure import NEVER, Role, Segments
+
+if TYPE_CHECKING:
+    from pdjax.model.config import DreamConfig
+
+
+class KVCache(NamedTuple):
+    """k, v: [num_layers, B, S, Nkv, H]; segments: `Segments` of [B, S] int32 arrays (a JAX pytree)."""
+
+    k: jax.Array
+    v: jax.Array
+    segments: Segments
+
+    @property
+    def max_length(self) -> int:
+        return int(self.k.shape[2])
+
+
+def init_cache(config: "DreamConfig", batch: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache for `batch` examples of up to `max_length` positions (dtype: the compute dtype)."""
+    dtype = config.dtype if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    slots = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
+    zeros = jnp.zeros((batch, max_length), jnp.int32)
+    segments = Segments(
+        block_id=zeros,
+        visible_from=jnp.full((batch, max_length), NEVER, jnp.int32),
+        position=slots,
+        doc_id=zeros,
+        role=jnp.full((batch, max_length), int(Role.PADDING), jnp.int32),
+    )
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segments)
+
+
+def _scatter_rows(dest: jax.Array, position: jax.Array, values: jax.Array) -> jax.Array:
+    """dest[b, position[b, t]] = values[b, t]; positions outside [0, S) are dropped."""
+    rows = jnp.arange(dest.shape[0])[:, None]
+    return dest.at[rows, position].set(values.astype(dest.dtype), mode="drop")
+
+
+def write_segments(cache_segments: Segments, segments: Segments) -> Segments:
+    """The cache's segment ids with the new tokens' ids written at their positions."""
+    position = jnp.asarray(segments.position, jnp.int32)
+    return Segments(
+        *(
+            _scatter_rows(old, position, jnp.asarray(new, jnp.int32))
+            for old, new in zip(cache_segments, segments)
+        )
+    )
+
+
+def write_kv(layer_cache: jax.Array, position: jax.Array, new: jax.Array) -> jax.Array:
+    """One layer's cache [B, S, Nkv, H] with new keys or values [B, T, Nkv, H] written at position [B, T]."""
+    return _scatter_rows(layer_cache, position, new)
+
+
+def cache_bytes(config: "DreamConfig", batch: int, max_length: int, dtype: Any = None) -> int:
+    """Memory of a cache's k and v arrays, to size decoding batches."""
+    dtype = config.dtype if dtype is None else dtype
+    return 2 * config.num_layers * batch * max_length * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize

@@ -1,0 +1,203 @@
+"""Dream (Qwen2-shaped) decoder in Flax NNX with segment-id attention and a position-addressed KV cache.
+
+Layers are stacked along a leading ``layers`` axis and run with `jax.lax.scan`
+(compile time independent of depth; the per-layer KV cache is scanned with them).
+Parameters keep Hugging Face's memory order, reshaped to name the head axis:
+``q_proj`` [L, Nq, H, D] is HF's [Nq*H, D] weight of each layer, so checkpoint
+I/O is a reshape, never a transpose.
+
+Attention always goes through `pdjax.attention.attention` with the segment ids
+of queries and keys, so the mask is the METHOD §2 rule (causal, bidirectional,
+planned or dense groups alike) and the XLA reference and TPU kernels are
+interchangeable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pdjax.attention import attention
+from pdjax.model.cache import KVCache, write_kv, write_segments
+from pdjax.model.config import DreamConfig
+from pdjax.model.layers import apply_rope, normal, ones, param, rms_norm, rope_tables, zeros
+from pdjax.model.sharding import constrain
+from pdjax.structure import Segments
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Logical axis names of each stacked layer parameter (also the layout contract of checkpoint I/O).
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "input_norm": ("layers", "norm"),
+    "q_proj": ("layers", "heads", "head_dim", "embed"),
+    "q_bias": ("layers", "heads", "head_dim"),
+    "k_proj": ("layers", "kv_heads", "head_dim", "embed"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v_proj": ("layers", "kv_heads", "head_dim", "embed"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "o_proj": ("layers", "embed", "heads", "head_dim"),
+    "post_norm": ("layers", "norm"),
+    "gate_proj": ("layers", "mlp", "embed"),
+    "up_proj": ("layers", "mlp", "embed"),
+    "down_proj": ("layers", "embed", "mlp"),
+}
+
+
+def layer_shapes(config: DreamConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each stacked layer parameter."""
+    c = config
+    n, k, h, d, f = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    per_layer = {
+        "input_norm": (d,),
+        "q_proj": (n, h, d),
+        "q_bias": (n, h),
+        "k_proj": (k, h, d),
+        "k_bias": (k, h),
+        "v_proj": (k, h, d),
+        "v_bias": (k, h),
+        "o_proj": (d, n, h),
+        "post_norm": (d,),
+        "gate_proj": (f, d),
+        "up_proj": (f, d),
+        "down_proj": (d, f),
+    }
+    return {name: (c.num_layers, *shape) for name, shape in per_layer.items()}
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, parameters stacked on a leading ``layers`` axis, run by `lax.scan`."""
+
+    def __init__(self, config: DreamConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        shapes = layer_shapes(config)
+        for name, shape in shapes.items():
+            if name.endswith("norm"):
+                init = ones
+            elif name.endswith("bias"):
+                init = zeros
+            else:
+                init = normal(0.02)
+            setattr(self, name, param(init, rngs, shape, config.param_dtype, LAYER_AXES[name]))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        q_seg: Segments,
+        kv_seg: Segments,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, D] through every layer; returns x and, with a cache, the updated k, v stacks."""
+        c = self.config
+        weights = {name: getattr(self, name)[...] for name in LAYER_AXES}
+
+        def layer(x: jax.Array, w: dict[str, jax.Array], layer_k: jax.Array | None, layer_v: jax.Array | None):
+            w = {name: value.astype(c.dtype) for name, value in w.items()}
+            h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
+            q = jnp.einsum("btd,nhd->btnh", h, w["q_proj"]) + w["q_bias"]
+            k = jnp.einsum("btd,khd->btkh", h, w["k_proj"]) + w["k_bias"]
+            v = jnp.einsum("btd,khd->btkh", h, w["v_proj"]) + w["v_bias"]
+            q = constrain(apply_rope(q, *rope), ("act_batch", "act_length", "act_heads", None), c.axis_rules)
+            k = constrain(apply_rope(k, *rope), ("act_batch", "act_length", "act_kv_heads", None), c.axis_rules)
+            v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None), c.axis_rules)
+            if layer_k is not None:
+                layer_k = write_kv(layer_k, q_seg.position, k)
+                layer_v = write_kv(layer_v, q_seg.position, v)
+                k, v = layer_k.astype(c.dtype), layer_v.astype(c.dtype)
+            out = attention(q, k, v, q_seg, kv_seg, impl=c.attention_impl)
+            x = x + jnp.einsum("btnh,dnh->btd", out, w["o_proj"])
+            x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
+            h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
+            gate = jnp.einsum("btd,fd->btf", h, w["gate_proj"])
+            up = jnp.einsum("btd,fd->btf", h, w["up_proj"])
+            hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"), c.axis_rules)
+            x = x + jnp.einsum("btf,df->btd", hidden, w["down_proj"])
+            x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
+            return x, layer_k, layer_v
+
+        if c.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[c.remat], prevent_cse=False)
+
+        if cache is None:
+
+            def body(x, w):
+                x, _, _ = layer(x, w, None, None)
+                return x, None
+
+            x, _ = jax.lax.scan(body, x, weights)
+            return x, None
+
+        def cached_body(x, inputs):
+            w, layer_k, layer_v = inputs
+            x, layer_k, layer_v = layer(x, w, layer_k, layer_v)
+            return x, (layer_k, layer_v)
+
+        x, (new_k, new_v) = jax.lax.scan(cached_body, x, (weights, cache.k, cache.v))
+        return x, (new_k, new_v)
+
+
+class DreamModel(nnx.Module):
+    """The Dream decoder: ``logits, cache = model(tokens, segments, cache=None)``.
+
+    tokens int32 [B, T]; segments a `Segments` of [B, T] arrays (RoPE uses
+    ``segments.position``). logits float32 [B, T, V], ``logits[:, i]`` computed
+    from the hidden state at i (apply `shift_logits` for Dream's j-1 reading).
+    With a `KVCache`, the T new keys/values and segment ids are written at
+    ``segments.position`` and the queries attend over the whole cache; the
+    updated cache is returned (None without a cache).
+    """
+
+    def __init__(self, config: DreamConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        self.embed_tokens = param(normal(0.02), rngs, (c.vocab_size, c.hidden_size), c.param_dtype, ("vocab", "embed"))
+        self.layers = DecoderLayers(c, rngs=rngs)
+        self.norm = param(ones, rngs, (c.hidden_size,), c.param_dtype, ("norm",))
+        if not c.tie_word_embeddings:
+            self.lm_head = param(normal(0.02), rngs, (c.vocab_size, c.hidden_size), c.param_dtype, ("vocab", "embed"))
+
+    def __call__(
+        self, tokens: jax.Array, segments: Segments, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        tokens = jnp.asarray(tokens, jnp.int32)
+        segments = Segments(*(jnp.asarray(a, jnp.int32) for a in segments))
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(c.dtype)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
+        rope = rope_tables(segments.position, c.head_dim, c.rope_theta)
+        if cache is None:
+            x, _ = self.layers(x, rope, segments, segments, None)
+            new_cache = None
+        else:
+            kv_seg = write_segments(cache.segments, segments)
+            x, (new_k, new_v) = self.layers(x, rope, segments, kv_seg, cache)
+            new_cache = KVCache(new_k, new_v, kv_seg)
+        x = rms_norm(x, self.norm[...], c.rms_norm_eps)
+        head = self.embed_tokens[...] if c.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,vd->btv", x, head.astype(c.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), c.axis_rules)
+        return logits, new_cache
+
+
+def shift_logits(logits: jax.Array) -> jax.Array:
+    """Dream's reading: the prediction for token j comes from position j-1 (the one place this lives).
+
+    ``out[:, j] = logits[:, j-1]`` for j >= 1 and ``out[:, 0] = logits[:, 0]``
+    (position 0 has no predecessor; it is never a diffusion target). Works on
+    any [B, T, ...] array.
+    """
+    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+
+
+def count_params(model_or_state: Any) -> int:
+    """Number of parameters of a model or state (abstract ones included)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
