@@ -1,0 +1,119 @@
+"""Build the default model's data folder: train.jsonl, heldout.jsonl, tokenizer/, stats.json.
+
+The tokenizer is trained on the train split first, because the promise numbers
+are span lengths in *its* tokens; BPE merges never touch digits (each digit is
+its own pre-token), so the provisional numbers used for training it do not
+change how anything else is tokenized.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+from typing import Any, Mapping, Sequence
+
+from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_prompt_ids
+from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
+from pdjax.synthetic.generate import DEFAULT_MIX, generate, render_completion, to_record
+from pdjax.synthetic.tasks import Example
+from pdjax.synthetic.tokenizer import chatml, save_tokenizer, train_tokenizer
+
+DEFAULT_VOCAB_SIZE = 1536
+
+
+def tokenizer_corpus(examples: Sequence[Example]) -> list[str]:
+    """ChatML texts of the examples (system prompt included) with provisional promise numbers."""
+    texts = []
+    for ex in examples:
+        completion = render_completion(ex, [[1] * len(r) for r in ex.rounds])
+        texts.append(chatml(ex.prompt, completion, DEFAULT_SYSTEM_PROMPT))
+    return texts
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build_dataset(
+    out_dir: str | os.PathLike,
+    seed: int,
+    num_train: int,
+    num_heldout: int,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    mix: Mapping[str, float] = DEFAULT_MIX,
+    length_scale: int = DEFAULT_LENGTH_SCALE,
+) -> dict:
+    """Generate, train the tokenizer on train, render honest lengths, write everything; return the stats."""
+    train, heldout = generate(seed, num_train, num_heldout, mix)
+    tokenizer = train_tokenizer(tokenizer_corpus(train), vocab_size=vocab_size)
+    os.makedirs(out_dir, exist_ok=True)
+    save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
+    splits = {
+        "train": [to_record(ex, tokenizer, f"train-{i:06d}", length_scale) for i, ex in enumerate(train)],
+        "heldout": [to_record(ex, tokenizer, f"heldout-{i:06d}", length_scale) for i, ex in enumerate(heldout)],
+    }
+    for name, rows in splits.items():
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
+    stats = {
+        "seed": seed,
+        "vocab_size": len(tokenizer),
+        "length_scale": length_scale,
+        **{name: dataset_stats(rows, tokenizer) for name, rows in splits.items()},
+    }
+    with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def _describe(values: Sequence[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 2),
+        "p50": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
+def dataset_stats(rows: Sequence[Mapping], tokenizer: Any) -> dict:
+    """Counts per shape and family, spans and rounds per example, span and example lengths in tokens."""
+    from pdjax.structure import ControlIds, parse_response
+
+    ids = ControlIds.from_tokenizer(tokenizer)
+    span_tokens: list[int] = []
+    numbers: collections.Counter[int] = collections.Counter()
+    spans_per_example: list[int] = []
+    rounds_per_example: list[int] = []
+    example_tokens: list[int] = []
+    answer_tokens: list[int] = []
+    for row in rows:
+        prompt = chat_prompt_ids(tokenizer, row["prompt"])
+        response = tokenizer.encode(row["completion"], add_special_tokens=False) + [ids.eos]
+        parsed = parse_response(response, ids)
+        example_tokens.append(len(prompt) + len(response))
+        answer_tokens.append(len(tokenizer.encode(row["answer"], add_special_tokens=False)) + 1)
+        if parsed.promises:
+            spans_per_example.append(len(parsed.spans))
+            rounds_per_example.append(len(parsed.rounds))
+        for span in parsed.spans:
+            span_tokens.append(span.end - span.start - 1)
+        numbers.update(p.number for p in parsed.promises)
+    return {
+        "examples": len(rows),
+        "shapes": dict(sorted(collections.Counter(r["shape"] for r in rows).items())),
+        "families": dict(sorted(collections.Counter(r["family"] for r in rows).items())),
+        "spans_per_planned_example": _describe(spans_per_example),
+        "rounds_per_planned_example": _describe(rounds_per_example),
+        "span_tokens": _describe(span_tokens),
+        "promise_numbers": dict(sorted(numbers.items())),
+        "tokens_per_example": _describe(example_tokens),
+        "answer_tokens_without_plan": _describe(answer_tokens),
+    }

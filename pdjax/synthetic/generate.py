@@ -1,0 +1,110 @@
+"""Seeded generation of the synthetic data set, its train / held-out split, and rendering.
+
+`generate` draws examples shape by shape (exact counts from the mix), never the
+same question twice (by `Example.key`, which ignores wording, and by prompt),
+then splits every shape proportionally, so no held-out question is in train.
+`render_completion` writes the annotated answer with honest lengths:
+N = ceil(span tokens / length_scale) with the tokenizer the model will use.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Mapping, Sequence
+
+from pdjax.structure.control import ASYNC_END, ASYNC_START, PROMISE_END, PROMISE_START, SYNC
+from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
+from pdjax.synthetic.facts import facts_json
+from pdjax.synthetic.tasks import FAMILIES, SHAPES, Example, Shape
+
+DEFAULT_MIX: Mapping[Shape, float] = {"one_round": 0.45, "multi_round": 0.35, "plain": 0.20}
+
+
+def shape_counts(total: int, mix: Mapping[str, float]) -> dict[str, int]:
+    """Split `total` over the shapes in proportion to `mix` (largest remainder, so the sum is exact)."""
+    if set(mix) - set(SHAPES) or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"mix must give non-negative weights to {SHAPES}, got {dict(mix)}")
+    weight = sum(mix.values())
+    exact = {s: total * mix.get(s, 0.0) / weight for s in SHAPES}
+    counts = {s: int(v) for s, v in exact.items()}
+    for s in sorted(SHAPES, key=lambda s: counts[s] - exact[s])[: total - sum(counts.values())]:
+        counts[s] += 1
+    return counts
+
+
+def generate(
+    seed: int, num_train: int, num_heldout: int, mix: Mapping[str, float] = DEFAULT_MIX
+) -> tuple[list[Example], list[Example]]:
+    """Draw num_train + num_heldout distinct questions and split them by question (and so by prompt)."""
+    rng = random.Random(seed)
+    total = shape_counts(num_train + num_heldout, mix)
+    held = shape_counts(num_heldout, mix)
+    seen_keys: set[str] = set()
+    seen_prompts: set[str] = set()
+    train: list[Example] = []
+    heldout: list[Example] = []
+    for shape in SHAPES:
+        drawn: list[Example] = []
+        budget = 200 * total[shape] + 1000
+        while len(drawn) < total[shape]:
+            budget -= 1
+            if budget < 0:
+                raise RuntimeError(
+                    f"could not draw {total[shape]} distinct {shape} questions "
+                    f"(got {len(drawn)}); ask for fewer examples"
+                )
+            ex = rng.choice(FAMILIES[shape])(rng)
+            if ex.key in seen_keys or ex.prompt in seen_prompts:
+                continue
+            seen_keys.add(ex.key)
+            seen_prompts.add(ex.prompt)
+            drawn.append(ex)
+        rng.shuffle(drawn)
+        heldout += drawn[: held[shape]]
+        train += drawn[held[shape] :]
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
+def span_length(text: str, tokenizer: Any, length_scale: int = DEFAULT_LENGTH_SCALE) -> int:
+    """The promise number of a span: ceil(tokens / length_scale) with `tokenizer`."""
+    count = len(tokenizer.encode(text, add_special_tokens=False))
+    number = max(1, math.ceil(count / length_scale))
+    if number > 99:
+        raise ValueError(f"a span of {count} tokens needs a 3-digit length; split it")
+    return number
+
+
+def render_completion(example: Example, lengths: Sequence[Sequence[int]]) -> str:
+    """The annotated answer: per round its promises, then its spans; rounds joined by `<sync/>`.
+
+    ``lengths[r][i]`` is the promise number of span i of round r.
+    """
+    rounds = []
+    for units, numbers in zip(example.rounds, lengths, strict=True):
+        plan = "".join(f"{PROMISE_START}{u.topic} {n}{PROMISE_END}" for u, n in zip(units, numbers, strict=True))
+        group = "".join(f"{ASYNC_START}{u.text}{ASYNC_END}" for u in units)
+        rounds.append(plan + group)
+    if not rounds:
+        return example.tail
+    return SYNC.join(rounds) + (SYNC + example.tail if example.tail else "")
+
+
+def honest_lengths(example: Example, tokenizer: Any, length_scale: int = DEFAULT_LENGTH_SCALE) -> list[list[int]]:
+    """Promise numbers of every span of `example`, counted with `tokenizer`."""
+    return [[span_length(u.text, tokenizer, length_scale) for u in units] for units in example.rounds]
+
+
+def to_record(example: Example, tokenizer: Any, id: str, length_scale: int = DEFAULT_LENGTH_SCALE) -> dict:
+    """One JSONL row: `prompt`, `completion` (annotated, without the final `<|im_end|>`), and what checking needs."""
+    return {
+        "id": id,
+        "prompt": example.prompt,
+        "completion": render_completion(example, honest_lengths(example, tokenizer, length_scale)),
+        "answer": example.answer,
+        "shape": example.shape,
+        "family": example.family,
+        "facts": facts_json(example.facts),
+    }
