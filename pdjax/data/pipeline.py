@@ -1,0 +1,323 @@
+"""The training-data pipeline: `build_pipeline(config, tokenizer) -> (iterator, report)`.
+
+Start-up: this host reads its shard of the source rows, prepares and validates
+them once (`Preparer`), prints a summary of what it skipped and why, and plans
+the epochs' packing to know how many batches it will yield.
+
+Epoch e (deterministic given seed, host shard and e): documents are shuffled,
+each span gets a fresh U{0..pad_max} `[PAD]` draw, and first-fit packs the
+documents into rows of ``row_length`` tokens. The epochs' rows form one stream
+that a grain ``MapDataset`` indexes (row k is built on demand, with its
+segment ids, by `pdjax.structure.pack_documents`) and batches; the grain
+iterator's ``get_state()`` is a small JSON-able dict and ``set_state()``
+resumes with the identical remaining batches.
+
+Batches are dicts of int32 NumPy arrays [rows per host, row_length]:
+``tokens`` and the five `Segments` fields (``block_id``, ``visible_from``,
+``position``, ``doc_id``, ``role``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import hashlib
+import sys
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from pdjax.data.config import DataConfig
+from pdjax.data.examples import PLANNED_MODES, Preparer, build_document, prepared_features
+from pdjax.data.packing import first_fit, packing_efficiency
+from pdjax.data.report import DataReport, SkippedRow
+from pdjax.data.sources import host_range, load_source, resolve_format
+from pdjax.structure import ControlIds, Segments, pack_documents
+
+BATCH_KEYS: tuple[str, ...] = ("tokens",) + Segments._fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """This host's validated documents, flat: document d is ``tokens[offsets[d]:offsets[d + 1]]``."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    prompt_len: np.ndarray
+    block_ends: np.ndarray  # `</async>` positions, document d's at block_offsets[d]:block_offsets[d + 1]
+    block_offsets: np.ndarray
+    syncs: np.ndarray
+    rows: np.ndarray  # source row index of each document
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """One epoch: packed rows (document indices), the `[PAD]` count of every span, document lengths."""
+
+    rows: list[list[int]]
+    pads: np.ndarray
+    lengths: np.ndarray
+
+
+class Epochs:
+    """Plans epochs on demand (a small LRU cache) and maps a stream row index to (epoch, row).
+
+    Thread-safe: grain builds rows in worker threads.
+    """
+
+    def __init__(self, corpus: Corpus, config: DataConfig, shard_index: int, cache_size: int = 2):
+        self.corpus = corpus
+        self.config = config
+        self.shard_index = shard_index
+        self.cache_size = cache_size
+        self._counts: list[int] = []
+        self._tokens: list[int] = []
+        self._ends: list[int] = []
+        self._cache: collections.OrderedDict[int, EpochPlan] = collections.OrderedDict()
+        self._lock = threading.RLock()
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The packing of ``epoch``; the same on every call and every run with this seed."""
+        with self._lock:
+            if epoch in self._cache:
+                self._cache.move_to_end(epoch)
+                return self._cache[epoch]
+        plan = self._make_plan(epoch)
+        with self._lock:
+            self._cache[epoch] = plan
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return plan
+
+    def _make_plan(self, epoch: int) -> EpochPlan:
+        cfg, corpus = self.config, self.corpus
+        num_blocks = int(corpus.block_offsets[-1])
+        pads = np.zeros(num_blocks, np.int32)
+        if cfg.pad_max and cfg.mode in PLANNED_MODES:
+            rng = np.random.default_rng([cfg.seed, self.shard_index, epoch, 1])
+            pads = rng.integers(0, cfg.pad_max + 1, size=num_blocks, dtype=np.int32)
+        summed = np.concatenate([[0], np.cumsum(pads, dtype=np.int64)])
+        lengths = corpus.lengths + summed[corpus.block_offsets[1:]] - summed[corpus.block_offsets[:-1]]
+        if cfg.ablate_sync and cfg.mode in PLANNED_MODES:
+            lengths = lengths - corpus.syncs
+        order = np.arange(len(corpus))
+        if cfg.shuffle:
+            order = np.random.default_rng([cfg.seed, self.shard_index, epoch, 0]).permutation(len(corpus))
+        rows = [[int(order[i]) for i in row] for row in first_fit(lengths[order], cfg.row_length, cfg.pack_window)]
+        return EpochPlan(rows, pads, lengths)
+
+    def _count_through(self, epoch: int) -> None:
+        with self._lock:
+            while len(self._counts) <= epoch:
+                plan = self.plan(len(self._counts))
+                self._counts.append(len(plan.rows))
+                self._tokens.append(int(plan.lengths.sum()))
+                self._ends.append((self._ends[-1] if self._ends else 0) + len(plan.rows))
+
+    def num_rows(self, epoch: int) -> int:
+        """Packed rows of ``epoch``."""
+        self._count_through(epoch)
+        return self._counts[epoch]
+
+    def num_tokens(self, epoch: int) -> int:
+        """Document tokens (`[PAD]` draw included) of ``epoch``."""
+        self._count_through(epoch)
+        return self._tokens[epoch]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(epoch, row within the epoch) of stream row ``index``."""
+        with self._lock:
+            while not self._ends or self._ends[-1] <= index:
+                self._count_through(len(self._counts))
+            epoch = bisect.bisect_right(self._ends, index)
+            return epoch, index - (self._ends[epoch - 1] if epoch else 0)
+
+
+class RowBuilder:
+    """Stream row index -> packed row dict; indices past the real rows give all-padding filler rows."""
+
+    def __init__(self, epochs: Epochs, ids: ControlIds, pad_id: int, real_rows: int | None):
+        self.epochs = epochs
+        self.ids = ids
+        self.pad_id = pad_id
+        self.real_rows = real_rows
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        cfg, corpus = self.epochs.config, self.epochs.corpus
+        docs: list[tuple[np.ndarray, Segments]] = []
+        if self.real_rows is None or index < self.real_rows:
+            epoch, row = self.epochs.locate(int(index))
+            plan = self.epochs.plan(epoch)
+            for d in plan.rows[row]:
+                blocks = slice(corpus.block_offsets[d], corpus.block_offsets[d + 1])
+                docs.append(
+                    build_document(
+                        corpus.tokens[corpus.offsets[d] : corpus.offsets[d + 1]],
+                        int(corpus.prompt_len[d]),
+                        corpus.block_ends[blocks],
+                        plan.pads[blocks],
+                        self.ids,
+                        cfg,
+                    )
+                )
+        tokens, seg = pack_documents(docs, cfg.row_length, self.pad_id)
+        return {"tokens": tokens, **seg._asdict()}
+
+
+def prepare_corpus(
+    config: DataConfig, tokenizer: Any, ids: ControlIds, shard_index: int, shard_count: int
+) -> tuple[Corpus, list[SkippedRow], int]:
+    """Read, prepare and validate this host's rows: (documents, skipped rows, rows read)."""
+    source = load_source(config)
+    fmt = resolve_format(list(source.column_names), config)
+    if config.max_source_rows is not None:
+        source = source.select(range(min(config.max_source_rows, len(source))))
+    shard = host_range(len(source), shard_index, shard_count)
+    source = source.select(shard)
+    prepared = source.map(
+        Preparer(tokenizer, ids, config, fmt, shard.start),
+        batched=True,
+        batch_size=256,
+        with_indices=True,
+        remove_columns=list(source.column_names),
+        features=prepared_features(),
+        num_proc=config.num_proc,
+        desc="pdjax: tokenize and validate",
+    )
+    rule = np.asarray(prepared["rule"], dtype=object)
+    kept = rule == ""
+    rows = np.asarray(prepared["row"], np.int64)
+    skipped = [
+        SkippedRow(int(r), str(k), int(p), str(d))
+        for r, k, p, d, keep in zip(rows, rule, prepared["position"], prepared["detail"], kept)
+        if not keep
+    ]
+
+    def flat(column: str) -> tuple[np.ndarray, np.ndarray]:
+        array = prepared.data.column(column).combine_chunks()
+        values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        lengths = array.value_lengths().to_numpy(zero_copy_only=False)[kept]  # skipped rows hold []
+        return values, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    tokens, offsets = flat("tokens")
+    block_ends, block_offsets = flat("block_ends")
+    corpus = Corpus(
+        tokens,
+        offsets,
+        np.asarray(prepared["prompt_len"], np.int32)[kept],
+        block_ends,
+        block_offsets,
+        np.asarray(prepared["syncs"], np.int64)[kept],
+        rows[kept],
+    )
+    return corpus, skipped, len(source)
+
+
+def _shard(config: DataConfig) -> tuple[int, int, bool]:
+    """(index, count, from_jax) of this host's shard."""
+    if config.shard_count is not None:
+        return config.shard_index, config.shard_count, False
+    import jax
+
+    return jax.process_index(), jax.process_count(), True
+
+
+def _agree(local_batches: int, from_jax: bool, shard_count: int) -> int:
+    """The batch count every host yields: the largest host's (shorter hosts add filler rows)."""
+    if not from_jax or shard_count == 1:
+        return local_batches
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(local_batches, np.int64))))
+
+
+def _fingerprint(config: DataConfig, corpus: Corpus, shard: tuple[int, int]) -> str:
+    """Identifies the data order: store it with a checkpoint and compare on resume."""
+    ordered = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_proc", "num_threads", "prefetch")}
+    h = hashlib.sha256(repr((sorted(ordered.items()), shard)).encode())
+    h.update(corpus.offsets.tobytes())
+    h.update(corpus.tokens.tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_pipeline(
+    config: DataConfig, tokenizer: Any, *, log: Callable[[str], None] | None = print
+) -> tuple[Any, DataReport]:
+    """The batch iterator (a grain ``DatasetIterator``) and the data report of this host.
+
+    Batches: dicts of int32 arrays [batch_size // shard_count, row_length] with
+    keys `BATCH_KEYS`. Save ``iterator.get_state()`` with a checkpoint (or use
+    ``grain.checkpoint.CheckpointSave``) and ``set_state`` it on a fresh
+    pipeline built from the same config to continue with the same batches.
+    ``log`` receives the start-up summary (None: quiet).
+    """
+    import grain
+
+    shard_index, shard_count, from_jax = _shard(config)
+    if config.batch_size % shard_count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {shard_count} hosts")
+    local_batch = config.batch_size // shard_count
+    ids = ControlIds.from_tokenizer(tokenizer)
+    pad_id = config.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else ids.eos
+
+    corpus, skipped, rows_read = prepare_corpus(config, tokenizer, ids, shard_index, shard_count)
+    if not len(corpus):
+        raise ValueError(
+            f"no usable rows in {config.source} (host {shard_index}/{shard_count}): {rows_read} read, "
+            f"skipped by rule: {dict(collections.Counter(s.rule for s in skipped))}"
+        )
+    epochs = Epochs(corpus, config, shard_index)
+    planned = range(config.num_epochs or 1)
+    rows_per_epoch = [epochs.num_rows(e) for e in planned]
+    real_rows = sum(rows_per_epoch)
+    if config.num_epochs is None:
+        total_batches, filler, stream_rows = None, 0, (sys.maxsize // local_batch) * local_batch
+    else:
+        total_batches = _agree(-(-real_rows // local_batch), from_jax, shard_count)
+        stream_rows = total_batches * local_batch
+        filler = stream_rows - real_rows
+    tokens = sum(epochs.num_tokens(e) for e in planned)
+    report = DataReport(
+        source=config.source,
+        mode=config.mode,
+        host=shard_index,
+        num_hosts=shard_count,
+        rows_read=rows_read,
+        documents=len(corpus),
+        tokens=int(corpus.lengths.sum()),
+        skipped=skipped,
+        row_length=config.row_length,
+        batch_size=local_batch,
+        rows_per_epoch=rows_per_epoch,
+        total_batches=total_batches,
+        filler_rows=filler,
+        packing_efficiency=packing_efficiency(tokens, real_rows + filler, config.row_length),
+        fingerprint=_fingerprint(config, corpus, (shard_index, shard_count)),
+    )
+    if config.skipped_path is not None:
+        path = config.skipped_path
+        if shard_count > 1:
+            stem, dot, ext = path.rpartition(".")
+            path = f"{stem}.host{shard_index}.{ext}" if dot else f"{path}.host{shard_index}"
+        report.write_skipped(path)
+    if log is not None:
+        log(report.summary())
+
+    dataset = (
+        grain.MapDataset.range(stream_rows)
+        .map(RowBuilder(epochs, ids, pad_id, None if config.num_epochs is None else real_rows))
+        .batch(local_batch, drop_remainder=True)
+    )
+    options = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch)
+    return iter(dataset.to_iter_dataset(options)), report
