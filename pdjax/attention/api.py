@@ -1,7 +1,10 @@
 """The one attention entry point of pdjax, with implementations selected by name.
 
-``xla`` (exact reference, default on CPU/GPU) is always available; kernels
-register themselves in `IMPLEMENTATIONS` and must match it.
+``xla`` (exact reference, default on CPU/GPU) is always available; the kernels
+``pallas_tpu`` (block-sparse Pallas TPU kernel computing the rule from segment
+ids) and ``splash_dense`` (jax's splash attention fed a dense mask, the
+baseline) are registered in `IMPLEMENTATIONS` and must match it. Both kernels
+take ``block_q``, ``block_kv`` and ``interpret`` options.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from typing import Callable, Protocol
 
 import jax
 
+from pdjax.attention.kernel import pallas_attention
 from pdjax.attention.reference import reference_attention
+from pdjax.attention.splash import splash_dense_attention
 from pdjax.structure import Segments
 
 
@@ -20,7 +25,11 @@ class AttentionFn(Protocol):
     ) -> jax.Array: ...
 
 
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {"xla": reference_attention}
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "xla": reference_attention,
+    "pallas_tpu": pallas_attention,
+    "splash_dense": splash_dense_attention,
+}
 
 
 def attention(
