@@ -143,3 +143,11 @@ def test_padding_token_and_roles_of_a_packed_row(tmp_path, rows):
     assert np.all(batch["role"][0, n:] == Role.PADDING) and np.all(batch["doc_id"][0, n:] == 0)
     assert np.all(batch["tokens"][0, n:] == toy_ids().eos)  # the toy tokenizer has no pad token
     assert report.packing_efficiency == pytest.approx(n / 96)
+
+
+def test_no_usable_rows_is_an_error_that_shows_the_reasons(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "alpha", "completion": "<async>beta"}] * 3)
+    with pytest.raises(ValueError, match="no usable rows(.|\n)*3 skipped(.|\n)*control-token-in-span"):
+        build_pipeline(toy_config(tmp_path, source, skipped_path=str(tmp_path / "s.jsonl")), toy_tokenizer())
+    assert "control-token-in-span" in capsys.readouterr().out
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3

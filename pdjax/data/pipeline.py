@@ -23,6 +23,7 @@ import bisect
 import collections
 import dataclasses
 import hashlib
+import os
 import sys
 import threading
 from typing import Any, Callable
@@ -272,13 +273,8 @@ def build_pipeline(
         pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else ids.eos
 
     corpus, skipped, rows_read = prepare_corpus(config, tokenizer, ids, shard_index, shard_count)
-    if not len(corpus):
-        raise ValueError(
-            f"no usable rows in {config.source} (host {shard_index}/{shard_count}): {rows_read} read, "
-            f"skipped by rule: {dict(collections.Counter(s.rule for s in skipped))}"
-        )
     epochs = Epochs(corpus, config, shard_index)
-    planned = range(config.num_epochs or 1)
+    planned = range(config.num_epochs or 1) if len(corpus) else range(0)
     rows_per_epoch = [epochs.num_rows(e) for e in planned]
     real_rows = sum(rows_per_epoch)
     if config.num_epochs is None:
@@ -287,7 +283,6 @@ def build_pipeline(
         total_batches = _agree(-(-real_rows // local_batch), from_jax, shard_count)
         stream_rows = total_batches * local_batch
         filler = stream_rows - real_rows
-    tokens = sum(epochs.num_tokens(e) for e in planned)
     report = DataReport(
         source=config.source,
         mode=config.mode,
@@ -299,20 +294,21 @@ def build_pipeline(
         skipped=skipped,
         row_length=config.row_length,
         batch_size=local_batch,
-        rows_per_epoch=rows_per_epoch,
+        rows_per_epoch=rows_per_epoch or [0],
         total_batches=total_batches,
         filler_rows=filler,
-        packing_efficiency=packing_efficiency(tokens, real_rows + filler, config.row_length),
+        packing_efficiency=packing_efficiency(
+            sum(epochs.num_tokens(e) for e in planned), real_rows + filler, config.row_length
+        ),
         fingerprint=_fingerprint(config, corpus, (shard_index, shard_count)),
     )
     if config.skipped_path is not None:
-        path = config.skipped_path
-        if shard_count > 1:
-            stem, dot, ext = path.rpartition(".")
-            path = f"{stem}.host{shard_index}.{ext}" if dot else f"{path}.host{shard_index}"
-        report.write_skipped(path)
+        stem, ext = os.path.splitext(config.skipped_path)
+        report.write_skipped(f"{stem}.host{shard_index}{ext}" if shard_count > 1 else config.skipped_path)
     if log is not None:
         log(report.summary())
+    if not len(corpus):
+        raise ValueError(f"no usable rows in {config.source} on host {shard_index}/{shard_count}:\n{report.summary()}")
 
     dataset = (
         grain.MapDataset.range(stream_rows)
