@@ -1,6 +1,7 @@
 """Dream (Qwen2-shaped) in Flax NNX: config and presets, the model, KV cache, logit shift, sharding, HF I/O."""
 
 from pdjax.model.cache import KVCache, cache_bytes, init_cache
+from pdjax.model.checkpoint import CheckpointError, load_pretrained, read_headers, save_pretrained, tensor_maps
 from pdjax.model.config import REMAT_POLICIES, DreamConfig, UnsupportedConfig
 from pdjax.model.create import abstract_model, init_model
 from pdjax.model.sharding import (
@@ -16,6 +17,7 @@ from pdjax.model.sharding import (
 from pdjax.model.transformer import DreamModel, count_params, shift_logits
 
 __all__ = [
+    "CheckpointError",
     "DEFAULT_RULES",
     "MESH_AXES",
     "REMAT_POLICIES",
@@ -30,9 +32,13 @@ __all__ = [
     "count_params",
     "init_cache",
     "init_model",
+    "load_pretrained",
     "logical_to_spec",
     "make_mesh",
+    "read_headers",
+    "save_pretrained",
     "shift_logits",
     "spec_tree",
     "state_shardings",
+    "tensor_maps",
 ]

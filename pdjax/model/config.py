@@ -77,6 +77,7 @@ class DreamConfig:
     axis_rules: Rules = DEFAULT_RULES
     # The config.json this config was read from (kept to write Dream-style files back); not part of equality.
     hf_source: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    hf_source_dir: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -176,6 +177,7 @@ class DreamConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             hf_source=raw,
+            hf_source_dir=None if isinstance(source, Mapping) else os.path.dirname(os.path.abspath(path)),
         )
         stored = raw.get("dtype") or raw.get("torch_dtype")
         if stored is not None and "param_dtype" not in overrides:
@@ -214,11 +216,12 @@ class DreamConfig:
             out["rope_scaling"] = None
             out["torch_dtype"] = dtype_name
             return out
-        out = {
-            k: v
+        out: dict[str, Any] = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+        out.update(
+            (k, v)
             for k, v in dict(self.hf_source or {}).items()
-            if k not in _SHAPE_KEYS and k not in ("torch_dtype", "transformers_version")
-        }
+            if k not in _SHAPE_KEYS and k not in ("torch_dtype", "transformers_version", "layer_types")
+        )
         out.update(
             {
                 "architectures": ["Qwen2ForCausalLM"],
@@ -232,7 +235,6 @@ class DreamConfig:
                 "dtype": dtype_name,
             }
         )
-        out.pop("layer_types", None)
         return out
 
 

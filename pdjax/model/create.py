@@ -31,14 +31,13 @@ def abstract_model(config: DreamConfig, mesh: Mesh | None = None, rules: Rules |
 def init_model(config: DreamConfig, mesh: Mesh | None = None, *, seed: int = 0, rules: Rules | None = None) -> DreamModel:
     """A randomly initialised DreamModel; with `mesh`, every parameter is created already sharded.
 
-    The initialiser is jitted with the target shardings as outputs, so no
-    device ever holds more than its shard.
+    With a mesh the initialiser is jitted with the target shardings as outputs,
+    so no device ever holds more than its shard.
     """
     if mesh is None:
         return DreamModel(config, rngs=nnx.Rngs(seed))
-    rules = rules or config.axis_rules
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: DreamModel(config, rngs=nnx.Rngs(seed))))
-    shardings = state_shardings(abstract_state, mesh, rules)
+    shardings = state_shardings(abstract_state, mesh, rules or config.axis_rules)
 
     def init() -> Any:
         return nnx.state(DreamModel(config, rngs=nnx.Rngs(seed)))

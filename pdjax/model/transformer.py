@@ -152,7 +152,8 @@ class DreamModel(nnx.Module):
     from the hidden state at i (apply `shift_logits` for Dream's j-1 reading).
     With a `KVCache`, the T new keys/values and segment ids are written at
     ``segments.position`` and the queries attend over the whole cache; the
-    updated cache is returned (None without a cache).
+    updated cache is returned (None without a cache). Tokens at positions
+    >= the cache length are not written (fixed-shape calls can pad with them).
     """
 
     def __init__(self, config: DreamConfig, *, rngs: nnx.Rngs):
