@@ -33,9 +33,10 @@ def relabel(block: np.ndarray) -> np.ndarray:
     return np.array([order.get(int(x), 0) for x in block])
 
 
-def test_every_document_once_per_epoch_with_the_segments_of_the_unpacked_document(source):
+@pytest.mark.parametrize("mode", ["planned", "dense", "ar_only", "diffusion_only"])
+def test_every_document_once_per_epoch_with_the_segments_of_the_unpacked_document(source, mode):
     tmp, path = source
-    cfg = toy_config(tmp, path, num_epochs=2, row_length=160, batch_size=4, mode="planned")
+    cfg = toy_config(tmp, path, num_epochs=2, row_length=160, batch_size=4, mode=mode)
     it, report = build_pipeline(cfg, toy_tokenizer(), log=None)
     batches = list(it)
     assert len(batches) == report.total_batches == -(-sum(report.rows_per_epoch) // 4)
@@ -56,7 +57,7 @@ def test_every_document_once_per_epoch_with_the_segments_of_the_unpacked_documen
             seen.append(row)
             real += len(toks)
             p = len(prompt_ids(question(row)))
-            unpacked = segments_from_tokens(toks, p, ids, mode="planned")
+            unpacked = segments_from_tokens(toks, p, ids, mode=mode)
             packed = Segments(*(batch[f][b, where] for f in Segments._fields))
             np.testing.assert_array_equal(relabel(packed.block_id), relabel(unpacked.block_id))
             for field in ("visible_from", "position", "role"):

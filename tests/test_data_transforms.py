@@ -176,6 +176,7 @@ def test_pad_draw_is_uniform_fresh_each_epoch_and_seeded(pad_epochs):
     same = np.mean([first[k] == second[k] for k in first])
     assert same < 0.2  # a fresh draw matches the last epoch's with probability 1/11
 
+    assert pad_epochs["a"][1].fingerprint == pad_epochs["b"][1].fingerprint != pad_epochs["c"][1].fingerprint
     again = epoch_pads(*pad_epochs["b"])
     assert again == [first, second]
     other = epoch_pads(*pad_epochs["c"])[0]

@@ -58,7 +58,7 @@ class DataConfig:
     pad_token_id: int | None = None  # filler id of packed rows; default: the tokenizer's pad, else <|im_end|>
     skipped_path: str | None = None  # JSONL of skipped rows; a ".host{p}" suffix is added on multi-host runs
     max_source_rows: int | None = None  # read only the first N source rows (smoke runs)
-    num_proc: int | None = None  # processes for the tokenize-and-validate pass (datasets.map)
+    num_proc: int | None = None  # processes for the tokenize-and-validate pass (datasets.map; ~700 rows/s each)
     num_threads: int = 1  # grain threads building batches ahead of the trainer
     prefetch: int = 4  # batches built ahead
     cache_dir: str | None = None  # datasets cache folder

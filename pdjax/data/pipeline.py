@@ -26,7 +26,7 @@ import hashlib
 import os
 import sys
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from pdjax.data.packing import first_fit, packing_efficiency
 from pdjax.data.report import DataReport, SkippedRow
 from pdjax.data.sources import host_range, load_source, resolve_format
 from pdjax.structure import ControlIds, Segments, pack_documents
+
+if TYPE_CHECKING:
+    import grain
 
 BATCH_KEYS: tuple[str, ...] = ("tokens",) + Segments._fields
 
@@ -243,7 +246,8 @@ def _agree(local_batches: int, from_jax: bool, shard_count: int) -> int:
 
 def _fingerprint(config: DataConfig, corpus: Corpus, shard: tuple[int, int]) -> str:
     """Identifies the data order: store it with a checkpoint and compare on resume."""
-    ordered = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_proc", "num_threads", "prefetch")}
+    ignored = ("num_proc", "num_threads", "prefetch", "cache_dir", "skipped_path")  # do not change the data
+    ordered = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     h = hashlib.sha256(repr((sorted(ordered.items()), shard)).encode())
     h.update(corpus.offsets.tobytes())
     h.update(corpus.tokens.tobytes())
@@ -252,7 +256,7 @@ def _fingerprint(config: DataConfig, corpus: Corpus, shard: tuple[int, int]) -> 
 
 def build_pipeline(
     config: DataConfig, tokenizer: Any, *, log: Callable[[str], None] | None = print
-) -> tuple[Any, DataReport]:
+) -> tuple["grain.DatasetIterator", DataReport]:
     """The batch iterator (a grain ``DatasetIterator``) and the data report of this host.
 
     Batches: dicts of int32 arrays [batch_size // shard_count, row_length] with

@@ -39,9 +39,9 @@ def ablate_topic(completion: str) -> str:
     are the same as ours in effect: its ``<topic>`` matches the tail of the
     opening tag ``<promise>-<topic>``, so the output keeps ``<promise>-`` and
     reads ``<promise>-<topic>topic N</topic>`` exactly as here. It differs in
-    two corner cases: it keeps the *trailing* digits (``"2 steps 5"`` gives 5,
-    pdjax 2, the number both parsers read as the length), and a promise without
-    digits makes its match run on into the next promise, merging the two.
+    two corner cases: it keeps the *trailing* digits (for ``2 steps 5`` it
+    writes ``topic 5`` although both parsers read the length 2), and a promise
+    without digits makes its match run on into the next promise, merging the two.
     """
 
     def replace(match: re.Match[str]) -> str:
