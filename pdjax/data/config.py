@@ -33,7 +33,8 @@ class DataConfig:
     later decodes a fixed number of masks; longer responses are skipped.
     ``shard_index`` / ``shard_count`` default to ``jax.process_index()`` /
     ``jax.process_count()``: each host reads and packs its own contiguous
-    shard of the source rows.
+    shard of the source rows, and the hosts agree on one batch count (shorter
+    hosts add all-padding filler rows). Set explicitly, no agreement is made.
     """
 
     source: str

@@ -28,8 +28,9 @@ class DataReport:
 
     ``rows_per_epoch`` are this host's packed rows of each planned epoch
     (only the first when ``num_epochs`` is None); ``total_batches`` is what the
-    iterator yields (None: forever), equal on every host; ``filler_rows`` are
-    all-padding rows appended so that every host yields that many full batches.
+    iterator yields (None: forever), agreed by all hosts when the shards come
+    from jax; ``filler_rows`` are all-padding rows (no targets) appended so that
+    this host yields that many full batches.
     ``packing_efficiency`` is the fraction of non-padding tokens over the
     planned epochs (filler rows included).
     """
