@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
-from pdjax.structure import ControlIds, PlanError, parse_response, strip_plan
+from pdjax.annotate.validate import control_ids
+from pdjax.structure import PlanError, parse_response, strip_plan
 from pdjax.synthetic.facts import Fact, parse_claims
 
 
@@ -55,7 +56,7 @@ def check_completion(facts: Iterable[Fact | Mapping], completion: str | Sequence
     Everything after the first `<|im_end|>` is ignored; an answer without one is
     read as if it ended there (the decoder may have dropped it).
     """
-    ids = ControlIds.from_tokenizer(tokenizer)
+    ids = control_ids(tokenizer)
     toks = tokenizer.encode(completion, add_special_tokens=False) if isinstance(completion, str) else completion
     toks = [int(t) for t in toks]
     toks = toks[: toks.index(ids.eos)] if ids.eos in toks else toks
