@@ -178,3 +178,19 @@ def test_tokenizer_shape(built, tokenizer):
     )
     stats = json.loads((built / "stats.json").read_text())
     assert stats["train"]["examples"] == NUM_TRAIN and stats["vocab_size"] == len(tokenizer)
+
+
+def test_chatterbot_plain_answers():
+    pytest.importorskip("chatterbot_corpus")
+    from pdjax.synthetic.chatterbot import chatterbot_pairs
+
+    pairs = chatterbot_pairs()
+    assert len(pairs) > 100 and len({p for p, _ in pairs}) == len(pairs)
+    train, held = generate(1, 400, 50, plain_pairs=pairs)
+    chatter = [e for e in train + held if e.family == "chatterbot"]
+    assert chatter and all(e.shape == "plain" and (e.prompt, e.answer) in pairs for e in chatter)
+    tokenizer = train_tokenizer(tokenizer_corpus(train))
+    ids = control_ids(tokenizer)
+    for e in chatter:
+        parsed = parse_response(tokenizer.encode(e.answer + "<|im_end|>", add_special_tokens=False), ids)
+        assert not parsed.promises

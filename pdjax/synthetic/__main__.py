@@ -18,14 +18,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_train", type=int, default=20000)
     p.add_argument("--num_heldout", type=int, default=500)
-    p.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary before special tokens")
+    p.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary incl. the 3 chat specials; the 7 control tokens come on top")
     for shape, weight in DEFAULT_MIX.items():
         p.add_argument(f"--{shape}", type=float, default=weight, help=f"share of {shape} answers (default {weight})")
+    p.add_argument(
+        "--chatterbot",
+        action="store_true",
+        help="add plain small-talk answers from the chatterbot-corpus package (BSD-3-Clause; pip install it first)",
+    )
     args = p.parse_args(argv)
     mix = {shape: getattr(args, shape) for shape in DEFAULT_MIX}
     stats = build_dataset(
-        args.out, args.seed, args.num_train, args.num_heldout, vocab_size=args.vocab_size, mix=mix
-    )
+        args.out, args.seed, args.num_train, args.num_heldout,
+        vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot,
+    )  # fmt: skip
     json.dump(stats, sys.stdout, indent=2)
     print()
     return 0

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_prompt_ids
 from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
+from pdjax.synthetic.chatterbot import chatterbot_pairs
 from pdjax.synthetic.generate import DEFAULT_MIX, generate, render_completion, to_record
 from pdjax.synthetic.tasks import Example
 from pdjax.synthetic.tokenizer import chatml, save_tokenizer, train_tokenizer
@@ -47,9 +48,14 @@ def build_dataset(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     mix: Mapping[str, float] = DEFAULT_MIX,
     length_scale: int = DEFAULT_LENGTH_SCALE,
+    chatterbot: bool = False,
 ) -> dict:
-    """Generate, train the tokenizer on train, render honest lengths, write everything; return the stats."""
-    train, heldout = generate(seed, num_train, num_heldout, mix)
+    """Generate, train the tokenizer on train, render honest lengths, write everything; return the stats.
+
+    ``chatterbot`` adds plain answers from the chatterbot-corpus package (BSD-3-Clause; must be installed).
+    """
+    pairs = chatterbot_pairs() if chatterbot else ()
+    train, heldout = generate(seed, num_train, num_heldout, mix, plain_pairs=pairs)
     tokenizer = train_tokenizer(tokenizer_corpus(train), vocab_size=vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
@@ -61,6 +67,7 @@ def build_dataset(
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     stats = {
         "seed": seed,
+        "chatterbot": chatterbot,
         "vocab_size": len(tokenizer),
         "length_scale": length_scale,
         **{name: dataset_stats(rows, tokenizer) for name, rows in splits.items()},

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from pdjax.structure.control import ASYNC_END, ASYNC_START, PROMISE_END, PROMISE_START, SYNC
 from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 from pdjax.synthetic.facts import facts_json
-from pdjax.synthetic.tasks import FAMILIES, SHAPES, Example, Shape
+from pdjax.synthetic.tasks import FAMILIES, SHAPES, Example, Shape, pairs_family
 
 DEFAULT_MIX: Mapping[Shape, float] = {"one_round": 0.45, "multi_round": 0.35, "plain": 0.20}
 
@@ -34,10 +34,20 @@ def shape_counts(total: int, mix: Mapping[str, float]) -> dict[str, int]:
 
 
 def generate(
-    seed: int, num_train: int, num_heldout: int, mix: Mapping[str, float] = DEFAULT_MIX
+    seed: int,
+    num_train: int,
+    num_heldout: int,
+    mix: Mapping[str, float] = DEFAULT_MIX,
+    plain_pairs: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[Example], list[Example]]:
-    """Draw num_train + num_heldout distinct questions and split them by question (and so by prompt)."""
+    """Draw num_train + num_heldout distinct questions and split them by question (and so by prompt).
+
+    ``plain_pairs`` (e.g. `chatterbot_pairs()`) add a family of fixed plain answers.
+    """
     rng = random.Random(seed)
+    families = dict(FAMILIES)
+    if plain_pairs:
+        families["plain"] = FAMILIES["plain"] + (pairs_family(plain_pairs),)
     total = shape_counts(num_train + num_heldout, mix)
     held = shape_counts(num_heldout, mix)
     seen_keys: set[str] = set()
@@ -54,7 +64,7 @@ def generate(
                     f"could not draw {total[shape]} distinct {shape} questions "
                     f"(got {len(drawn)}); ask for fewer examples"
                 )
-            ex = rng.choice(FAMILIES[shape])(rng)
+            ex = rng.choice(families[shape])(rng)
             if ex.key in seen_keys or ex.prompt in seen_prompts:
                 continue
             seen_keys.add(ex.key)

@@ -391,6 +391,16 @@ def chat(rng: random.Random) -> Example:
     return Example(prompt, "plain", "chat", f"chat|{prompt}", (), answer, ())
 
 
+def pairs_family(pairs: Sequence[tuple[str, str]], name: str = "chatterbot") -> "Family":
+    """A plain-answer family drawing from fixed (prompt, answer) pairs, e.g. `chatterbot_pairs()`."""
+
+    def family(rng: random.Random) -> Example:
+        prompt, answer = rng.choice(pairs)
+        return Example(prompt, "plain", name, f"{name}|{prompt}", (), answer, ())
+
+    return family
+
+
 Family = Callable[[random.Random], Example]
 FAMILIES: dict[Shape, tuple[Family, ...]] = {
     "one_round": (number_facts, number_list, word_facts, word_list, day_facts, month_facts, calendar_list, table_lookup),
