@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = annotate_file(
         args.input, args.output, annotator, report,
         concurrency=args.concurrency, retry_discarded=args.retry_discarded,
-        progress=not args.no_progress and sys.stderr.isatty(), **fields,
+        progress=not args.no_progress, **fields,
     )  # fmt: skip
     print(summary_text(summary) + (f"\nreport: {report}" if os.path.exists(report) else ""))
     return 0

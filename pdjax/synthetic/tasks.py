@@ -61,14 +61,12 @@ class Example:
         return "".join(u.text for r in self.rounds for u in r) + self.tail
 
 
-def _spaced(texts: Sequence[str], first: bool) -> list[str]:
-    """Sentences joined by single spaces: every one but the answer's first gets a leading space."""
-    return [t if (first and i == 0) else " " + t for i, t in enumerate(texts)]
+def _spaced(texts: Sequence[str]) -> list[str]:
+    """Sentences of one answer joined by single spaces: every one but the first gets a leading space.
 
-
-def _round(units: Sequence[tuple[str, str]], first: bool = True) -> tuple[Unit, ...]:
-    texts = _spaced([t for _, t in units], first)
-    return tuple(Unit(topic, text) for (topic, _), text in zip(units, texts))
+    The space lives inside the span, so the answer with its plan stripped reads as normal text.
+    """
+    return [t if i == 0 else " " + t for i, t in enumerate(texts)]
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -77,7 +75,8 @@ def _listing(items: Sequence[str]) -> str:
 
 
 def _planned(prompt: str, family: str, key: str, units: Sequence[tuple[str, Fact]]) -> Example:
-    rnd = _round([(topic, f.sentence()) for topic, f in units])
+    texts = _spaced([f.sentence() for _, f in units])
+    rnd = tuple(Unit(topic, text) for (topic, _), text in zip(units, texts))
     return Example(prompt, "one_round", family, key, (rnd,), "", tuple(f for _, f in units))
 
 
@@ -249,7 +248,7 @@ def _two_rounds(
     rng: random.Random, prompt: str, family: str, key: str, first: Sequence[tuple[str, Fact]], topic: str, last: Fact
 ) -> Example:
     """Round 1 states `first`; after `<sync/>` the derived fact `last` comes as a promised span or as plain text."""
-    texts = _spaced([f.sentence() for _, f in first] + [conclusion(last)], first=True)
+    texts = _spaced([f.sentence() for _, f in first] + [conclusion(last)])
     round1 = tuple(Unit(t, text) for (t, _), text in zip(first, texts))
     facts = tuple(f for _, f in first) + (last,)
     if rng.random() < 0.5:
@@ -312,7 +311,7 @@ def calendar_steps(rng: random.Random) -> Example:
     facts = [calendar_fact(kind, x)]
     for _ in range(steps - 1):
         facts.append(calendar_fact(kind, facts[-1].value))
-    texts = _spaced([f.sentence() for f in facts], first=True)
+    texts = _spaced([f.sentence() for f in facts])
     topic = f"{'next' if side == 'after' else 'previous'} {unit}"
     rounds = tuple((Unit(topic, t),) for t in texts)
     key = f"calendar_steps|{kind}|{x}|{steps}"
