@@ -23,6 +23,8 @@ from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 
 
 class Chat(Protocol):
+    """Anything that answers a conversation with text (`ChatClient`, or a fake in tests)."""
+
     def complete(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
 
