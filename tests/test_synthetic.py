@@ -194,3 +194,14 @@ def test_chatterbot_plain_answers():
     for e in chatter:
         parsed = parse_response(tokenizer.encode(e.answer + "<|im_end|>", add_special_tokens=False), ids)
         assert not parsed.promises
+
+
+def test_checker_gives_the_reference_answers_full_marks(built, tokenizer):
+    from pdjax.synthetic import check_completion, summarize
+
+    held = rows(built, "heldout")
+    planned = summarize([check_completion(r["facts"], r["completion"], tokenizer) for r in held])
+    plain = summarize([check_completion(r["facts"], r["answer"], tokenizer) for r in held])
+    assert planned["well_formed"] == 1.0 and planned["span_accuracy"] == 1.0 and planned["fact_accuracy"] == 1.0
+    assert planned["planned"] == 0.8  # one-round + multi-round shares
+    assert plain["spans"] == 0 and plain["fact_accuracy"] == 1.0 and plain["facts"] == planned["facts"]
