@@ -212,6 +212,8 @@ def _load_array(
         block = read(box)
         for device in devices:
             pieces[device] = jax.device_put(block, device)
+        # Transfers are asynchronous: wait, so that only one host block is alive at a time.
+        jax.block_until_ready([pieces[d] for d in devices])
         del block
     ordered = [pieces[d] for d in sharding.addressable_devices_indices_map(shape)]
     return jax.make_array_from_single_device_arrays(shape, sharding, ordered)
