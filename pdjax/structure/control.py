@@ -100,15 +100,27 @@ class ControlIds:
         Accepts a transformers tokenizer or a `tokenizers.Tokenizer`. Raises
         `MissingControlTokens` naming every absent string.
         """
-        vocab = _vocab(tokenizer)
-        missing = [s for s in CONTROL_STRINGS.values() if s not in vocab]
+        found = _lookup(tokenizer, (*CONTROL_STRINGS.values(), *DIGITS))
+        missing = [s for s in CONTROL_STRINGS.values() if found[s] is None]
         if missing:
             raise MissingControlTokens(missing)
-        digits = tuple(vocab.get(d, -1) for d in DIGITS)
+        digits = tuple(found[d] for d in DIGITS)
         return cls(
-            **{name: int(vocab[s]) for name, s in CONTROL_STRINGS.items()},
-            digits=digits if -1 not in digits else (),
+            **{name: found[s] for name, s in CONTROL_STRINGS.items()},
+            digits=digits if None not in digits else (),
         )
+
+
+def _lookup(tokenizer: Any, strings: tuple[str, ...]) -> dict[str, int | None]:
+    """Each string's id as one whole token, or None; cheaper than building the full vocabulary."""
+    if hasattr(tokenizer, "token_to_id"):  # tokenizers.Tokenizer
+        return {s: tokenizer.token_to_id(s) for s in strings}
+    out: dict[str, int | None] = {}
+    for s in strings:
+        i = tokenizer.convert_tokens_to_ids(s)
+        # an unknown string maps to the unk id (or None): confirm by the reverse lookup
+        out[s] = int(i) if i is not None and tokenizer.convert_ids_to_tokens(int(i)) == s else None
+    return out
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
