@@ -1,0 +1,7 @@
+"""`python -m pdjax.train`: see `pdjax.train.cli`."""
+
+import sys
+
+from pdjax.train.cli import main
+
+sys.exit(main())
