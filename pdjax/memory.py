@@ -1,0 +1,163 @@
+"""Per-device memory of fine-tuning and serving a Dream-shaped model, computed from its shape.
+
+An analytic estimate (bytes of every resident array, per device), written out
+term by term so a user can see where the memory goes before renting a slice:
+
+- training: parameters, gradients and AdamW moments, sharded over fsdp x tensor
+  (replicated over data); with LoRA the base is frozen (no gradient or moments);
+  activations kept for the backward pass under the chosen remat policy; the
+  float32 logits and their gradient (vocabulary sharded over tensor).
+- serving: weights, the KV cache (kv heads sharded over tensor when they divide)
+  and the logits of the widest decode call.
+
+XLA adds temporaries and fragmentation on top; keep ~20% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from pdjax.model.config import DreamConfig
+
+GiB = 1024**3
+# Projections of one decoder layer that LoRA adapts: (input dim, output dim) as functions of the config.
+_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Named byte counts per device; `total` is their sum."""
+
+    what: str
+    terms: tuple[tuple[str, float], ...]
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.terms)
+
+    def table(self) -> str:
+        width = max(len(n) for n, _ in self.terms)
+        lines = [f"{self.what} (per device)"]
+        lines += [f"  {n:<{width}}  {b / GiB:9.2f} GiB" for n, b in self.terms]
+        lines.append(f"  {'total':<{width}}  {self.total / GiB:9.2f} GiB")
+        return "\n".join(lines)
+
+
+def _lora_params(c: DreamConfig, rank: int) -> int:
+    d, f, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    dims = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    return c.num_layers * sum(rank * (i + o) for i, o in (dims[t] for t in _LORA_TARGETS))
+
+
+def _activation_bytes_per_token_layer(c: DreamConfig, remat: str, tensor: int, compute_bytes: int) -> float:
+    """Bytes one token keeps per layer for the backward pass under a remat policy."""
+    d, f = c.hidden_size, c.intermediate_size
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    if remat == "full":  # only the layer input survives; the rest is recomputed
+        return d * compute_bytes
+    if remat in ("dots", "dots_no_batch"):  # matmul outputs: q, k, v, attention out, o, gate, up, down
+        return (2 * d + (2 * q + 2 * kv + 2 * f) / tensor) * compute_bytes
+    # none: matmul inputs and outputs, norms, the SwiGLU product, the attention statistics
+    return (5 * d + (3 * q + 2 * kv + 3 * f) / tensor) * compute_bytes + c.num_heads / tensor * 8
+
+
+def training_memory(
+    config: DreamConfig,
+    *,
+    batch_per_device: float,
+    seq_len: int,
+    fsdp: int,
+    tensor: int = 1,
+    remat: str = "full",
+    param_bytes: int = 4,
+    compute_bytes: int = 2,
+    optimizer_bytes: int = 4,
+    lora_rank: int = 0,
+    flash_attention: bool = True,
+) -> MemoryEstimate:
+    """Per-device bytes of one training step.
+
+    ``batch_per_device`` rows of ``seq_len`` tokens are processed by each (data x fsdp) shard;
+    ``flash_attention`` False adds the [heads, T, T] float32 scores the `xla` path materialises.
+    """
+    c = config
+    shards = fsdp * tensor
+    n = c.num_params
+    terms: list[tuple[str, float]] = [("parameters", n * param_bytes / shards)]
+    if lora_rank:
+        r = _lora_params(c, lora_rank)
+        terms += [("LoRA params + grads + AdamW", r * (param_bytes + param_bytes + 2 * optimizer_bytes) / shards)]
+    else:
+        terms += [("gradients", n * param_bytes / shards), ("AdamW moments", 2 * n * optimizer_bytes / shards)]
+    tokens = batch_per_device * seq_len
+    per_layer = _activation_bytes_per_token_layer(c, remat, tensor, compute_bytes)
+    work = _activation_bytes_per_token_layer(c, "none", tensor, compute_bytes) if remat != "none" else 0.0
+    terms.append((f"activations (remat={remat})", tokens * (c.num_layers * per_layer + work)))
+    if not flash_attention:
+        terms.append(("attention scores (xla)", batch_per_device * c.num_heads / tensor * seq_len**2 * 4 * 2))
+    terms.append(("logits + their gradient (f32)", tokens * c.vocab_size / tensor * 4 * 2))
+    return MemoryEstimate("training", tuple(terms))
+
+
+def serving_memory(
+    config: DreamConfig,
+    *,
+    batch: int,
+    max_length: int,
+    tensor: int = 1,
+    weight_bytes: int = 2,
+    cache_bytes: int = 2,
+    widest_call: int = 512,
+) -> MemoryEstimate:
+    """Per-device bytes of decoding ``batch`` prompts up to ``max_length`` tokens each.
+
+    ``widest_call`` is the most positions one model call processes (a prefill or group bucket).
+    """
+    c = config
+    kv_shards = tensor if c.num_kv_heads % tensor == 0 else 1
+    cache = 2 * c.num_layers * batch * max_length * c.num_kv_heads * c.head_dim * cache_bytes / kv_shards
+    return MemoryEstimate(
+        "serving",
+        (
+            ("weights", c.num_params * weight_bytes / tensor),
+            ("KV cache", cache),
+            ("logits of the widest call (f32)", batch * widest_call * c.vocab_size / tensor * 4),
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pdjax.memory`: print the estimate for a preset or a config.json."""
+    p = argparse.ArgumentParser(prog="python -m pdjax.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dream_7b", help="a preset name (dream_7b, tiny) or a folder/config.json")
+    p.add_argument("--fsdp", type=int, default=1)
+    p.add_argument("--tensor", type=int, default=1)
+    p.add_argument("--batch_per_device", type=float, default=1.0, help="training rows per (data x fsdp) shard")
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
+    p.add_argument("--param_bytes", type=int, default=4, help="4 for float32 master weights, 2 for bf16")
+    p.add_argument("--lora_rank", type=int, default=0)
+    p.add_argument("--serve_batch", type=int, default=8)
+    p.add_argument("--max_length", type=int, default=2048)
+    args = p.parse_args(argv)
+    preset = getattr(DreamConfig, args.model, None)
+    config = preset() if callable(preset) else DreamConfig.from_hf(args.model)
+    print(f"model: {args.model}, {config.num_params / 1e9:.2f}B parameters")
+    print(
+        training_memory(
+            config,
+            batch_per_device=args.batch_per_device,
+            seq_len=args.seq_len,
+            fsdp=args.fsdp,
+            tensor=args.tensor,
+            remat=args.remat,
+            param_bytes=args.param_bytes,
+            lora_rank=args.lora_rank,
+        ).table()
+    )
+    print(serving_memory(config, batch=args.serve_batch, max_length=args.max_length, tensor=args.tensor).table())
+
+
+if __name__ == "__main__":
+    main()
