@@ -1,0 +1,81 @@
+"""The pure train step: gradient accumulation is exact; remat and bfloat16 compute are knobs, not new math."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pdjax.model import DreamConfig, DreamModel
+from pdjax.structure import Segments, pack_documents, segments_from_tokens
+from pdjax.train.loss import LossConfig
+from pdjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from pdjax.train.step import StepOptions, TrainState, make_train_step
+from structures import IDS, enc
+
+L = 40
+DOCS = [
+    ("p1 p2", "<promise>-<topic> a 1 </topic> <promise>-<topic> b 2 </topic> <async> x y [PAD] </async> <async> z </async> <|im_end|>"),
+    ("p3", "plain words here <|im_end|>"),
+    ("p4 p5 p6", "<promise>-<topic> c 1 </topic> <async> u v </async> <sync/> w <|im_end|>"),
+    ("p7", "<promise>-<topic> d 1 </topic> <async> s [PAD] [PAD] </async> <|im_end|>"),
+]
+
+
+def batch() -> dict[str, np.ndarray]:
+    rows = [[0, 1], [2], [3, 1], [2, 3]]
+    toks, segs = [], []
+    for row in rows:
+        docs = []
+        for i in row:
+            p, r = enc(DOCS[i][0]), enc(DOCS[i][1])
+            docs.append((np.asarray(p + r), segments_from_tokens(p + r, len(p), IDS)))
+        t, s = pack_documents(docs, L, 0)
+        toks.append(t)
+        segs.append(s)
+    return {"tokens": np.stack(toks), **{f: np.stack([getattr(s, f) for s in segs]) for f in Segments._fields}}
+
+
+def run_step(config: DreamConfig, grad_accum: int):
+    model = DreamModel(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    opt = OptimizerConfig(learning_rate=1e-2)
+    tx = make_optimizer(opt, 10)
+    options = StepOptions(LossConfig(), mask_id=IDS.mask, grad_accum=grad_accum)
+    step = jax.jit(make_train_step(graphdef, tx, learning_rate_schedule(opt, 10), options))
+    train_state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(jax.random.key(7)))
+    new_state, metrics = step(train_state, {}, {k: jnp.asarray(v) for k, v in batch().items()})
+    return jax.device_get(new_state.params), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_step(DreamConfig.tiny(vocab_size=160), grad_accum=1)
+
+
+def test_gradient_accumulation_is_exact(reference):
+    params1, m1 = reference
+    params2, m2 = run_step(DreamConfig.tiny(vocab_size=160), grad_accum=2)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # 1e-3 of an Adam step (lr 1e-2)
+    assert m1["masked_tokens"] > 0 and m1["ar_targets"] > 0
+
+
+def test_remat_changes_nothing_but_memory(reference):
+    params1, m1 = reference
+    params_r, m_r = run_step(DreamConfig.tiny(vocab_size=160, remat="full"), grad_accum=1)
+    np.testing.assert_allclose(m_r["loss"], m1["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(params_r), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # 1e-3 of an Adam step (lr 1e-2)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
+    _, m1 = reference
+    params_b, m_b = run_step(DreamConfig.tiny(vocab_size=160, dtype=jnp.bfloat16), grad_accum=1)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params_b))
+    np.testing.assert_allclose(m_b["loss"], m1["loss"], rtol=2e-2)
