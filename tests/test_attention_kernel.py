@@ -9,6 +9,10 @@ rounding of p and dS before the matmuls, as in every flash kernel).
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +202,44 @@ def test_pallas_tpu_lowers_for_tpu(t):
 def test_splash_dense_lowers_for_tpu():
     fwd, bwd = _export_for_tpu("splash_dense", 4096, 4096)
     assert fwd.count("tpu_custom_call") >= 1 and bwd.count("tpu_custom_call") >= 3
+
+
+# Compiling (not only lowering) for a TPU needs libtpu, which compiles Mosaic kernels for a
+# TPU topology without TPU hardware. It is not a pdjax dependency (about 700 MB); when it is
+# importable (e.g. `pip install --target DIR libtpu==0.0.42.*` and DIR on PYTHONPATH) this test
+# compiles forward and backward for TPU v5e and v6e in a fresh process (the test process is
+# pinned to the CPU platform).
+_COMPILE_FOR_TPU = """
+import sys
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from pdjax.attention import attention
+from pdjax.structure import Segments
+
+for name in sys.argv[1:]:
+    device = topologies.get_topology_desc(topology_name=name, platform="tpu").devices[0]
+    shape = lambda s, d: jax.ShapeDtypeStruct(s, d, sharding=jax.sharding.SingleDeviceSharding(device))
+    q = shape((1, 4096, 28, 128), jnp.bfloat16)
+    kv = shape((1, 4096, 4, 128), jnp.bfloat16)
+    seg = Segments(*[shape((1, 4096), jnp.int32)] * 5)
+    fwd = lambda q, k, v, s: attention(q, k, v, s, s, impl="pallas_tpu")
+    bwd = jax.grad(lambda q, k, v, s: fwd(q, k, v, s).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    for fn in (fwd, bwd):
+        jax.jit(fn).lower(q, kv, kv, seg).compile()
+    print("compiled for", name)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (optional)")
+def test_pallas_tpu_compiles_for_tpu_with_libtpu():
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env["TPU_SKIP_MDS_QUERY"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_TPU, "v5e:2x2", "v6e:2x2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["compiled for v5e:2x2", "compiled for v6e:2x2"]

@@ -27,7 +27,7 @@ def _probabilities_and_ds(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, lse_ref, d
     s = jax.lax.dot_general(q_ref[...], k_ref[...], NT_DIMS, preferred_element_type=jnp.float32) * scale
     p = jnp.exp(s - lanes(lse_ref[...], block_kv))
     if masked:
-        p = jnp.where(tile_mask(q_ids_ref, kv_ids_ref, block_kv), p, 0.0)
+        p = jnp.where(tile_mask(q_ids_ref, kv_ids_ref), p, 0.0)
     v = v_ref[...]
     dp = jax.lax.dot_general(do_ref[...].astype(v.dtype), v, NT_DIMS, preferred_element_type=jnp.float32)
     ds = p * (dp - lanes(di_ref[...], block_kv))
@@ -151,10 +151,10 @@ def backward(
         return bi, jax.lax.div(hi, group), plan_ref[bi, i, j] >> 2, 0
 
     def q_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, i, 0
+        return bi, 0, i
 
     def kv_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, 0, plan_ref[bi, i, j] >> 2
+        return bi, 0, plan_ref[bi, i, j] >> 2
 
     row = pl.BlockSpec((None, None, bq, NUM_LANES), q_map)
     dq = pl.pallas_call(
@@ -166,8 +166,8 @@ def backward(
                 pl.BlockSpec((None, None, bq, h), q_map),
                 pl.BlockSpec((None, None, bkv, h), kv_map),
                 pl.BlockSpec((None, None, bkv, h), kv_map),
-                pl.BlockSpec((None, 3, bq, NUM_LANES), q_ids_map),
-                pl.BlockSpec((None, 3, NUM_SUBLANES, bkv), kv_ids_map),
+                pl.BlockSpec((None, NUM_SUBLANES, bq), q_ids_map),
+                pl.BlockSpec((None, NUM_SUBLANES, bkv), kv_ids_map),
                 row,
                 row,
                 pl.BlockSpec((None, None, bq, h), q_map),
@@ -189,10 +189,10 @@ def backward(
         return bi, ki, j, 0
 
     def qt_ids_map(bi, ki, j, g, i, plan_ref):
-        return bi, 0, plan_ref[bi, j, i] >> 2, 0
+        return bi, 0, plan_ref[bi, j, i] >> 2
 
     def kt_ids_map(bi, ki, j, g, i, plan_ref):
-        return bi, 0, 0, j
+        return bi, 0, j
 
     row_t = pl.BlockSpec((None, None, bq, NUM_LANES), qt_map)
     dk, dv = pl.pallas_call(
@@ -204,8 +204,8 @@ def backward(
                 pl.BlockSpec((None, None, bq, h), qt_map),
                 pl.BlockSpec((None, None, bkv, h), kt_map),
                 pl.BlockSpec((None, None, bkv, h), kt_map),
-                pl.BlockSpec((None, 3, bq, NUM_LANES), qt_ids_map),
-                pl.BlockSpec((None, 3, NUM_SUBLANES, bkv), kt_ids_map),
+                pl.BlockSpec((None, NUM_SUBLANES, bq), qt_ids_map),
+                pl.BlockSpec((None, NUM_SUBLANES, bkv), kt_ids_map),
                 row_t,
                 row_t,
                 pl.BlockSpec((None, None, bq, h), qt_map),

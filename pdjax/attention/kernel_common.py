@@ -1,11 +1,11 @@
-"""What the Pallas TPU attention kernels share: segment-id layouts, the in-tile rule, lane helpers.
+"""What the Pallas TPU attention kernels share: segment-id layout, the in-tile rule, lane helpers.
 
-Segment ids reach the kernels as splash attention passes its segment ids: query
-ids lane-replicated ([B, 3, T, 128]: a query tile is a [bq, 128] column block)
-and key ids sublane-replicated ([B, 3, 8, S]: a key tile is an [8, bkv] row
-block), so the rule is a broadcast compare of a column against a row with no
-transpose and no [T, S] array. Queries carry (block_id, doc_id, position), keys
-(block_id, doc_id, visible_from): the only fields the rule reads on each side.
+Segment ids reach the kernels as int32 rows [B, 8, L] (one (8, 128)-tiled
+array per side, 32 bytes a token): queries carry (block_id, doc_id, position)
+in rows 0-2, keys (block_id, doc_id, visible_from), the only fields the rule
+reads on each side. A kernel step loads an [8, bq] query block and an [8, bkv]
+key block, turns the query block into columns with one small transpose, and
+compares columns against rows: the rule per pair, with no [T, S] array anywhere.
 """
 
 from __future__ import annotations
@@ -52,17 +52,20 @@ def fit_block(requested: int, length: int, interpret: bool) -> int:
     return min(requested, round_up(length, align))
 
 
+def _rows(fields: list) -> jax.Array:
+    """int32 [B, 8, L]: the given [B, L] fields in the first rows, zeros below (a whole sublane tile)."""
+    rows = jnp.stack(fields, axis=1).astype(jnp.int32)
+    return jnp.pad(rows, ((0, 0), (0, NUM_SUBLANES - rows.shape[1]), (0, 0)))
+
+
 def query_ids(seg: Segments) -> jax.Array:
-    """int32 [B, 3, T, 128]: (block_id, doc_id, position) of each query, replicated over lanes."""
-    fields = jnp.stack([seg.block_id, seg.doc_id, seg.position], axis=1).astype(jnp.int32)
-    return jnp.broadcast_to(fields[..., None], (*fields.shape, NUM_LANES))
+    """int32 [B, 8, T]: rows (block_id, doc_id, position) of the queries."""
+    return _rows([seg.block_id, seg.doc_id, seg.position])
 
 
 def key_ids(seg: Segments) -> jax.Array:
-    """int32 [B, 3, 8, S]: (block_id, doc_id, visible_from) of each key, replicated over sublanes."""
-    fields = jnp.stack([seg.block_id, seg.doc_id, seg.visible_from], axis=1).astype(jnp.int32)
-    b, f, s = fields.shape
-    return jnp.broadcast_to(fields[:, :, None, :], (b, f, NUM_SUBLANES, s))
+    """int32 [B, 8, S]: rows (block_id, doc_id, visible_from) of the keys."""
+    return _rows([seg.block_id, seg.doc_id, seg.visible_from])
 
 
 def lanes(x: jax.Array, width: int) -> jax.Array:
@@ -74,13 +77,11 @@ def lanes(x: jax.Array, width: int) -> jax.Array:
     raise ValueError(f"width {width} must be a multiple of {NUM_LANES} or smaller than it")
 
 
-def tile_mask(q_ids_ref, kv_ids_ref, block_kv: int) -> jax.Array:
-    """bool [bq, bkv]: the METHOD §2 rule for the query tile and key tile in VMEM."""
-    q_block = lanes(q_ids_ref[0], block_kv)
-    q_doc = lanes(q_ids_ref[1], block_kv)
-    q_pos = lanes(q_ids_ref[2], block_kv)
-    k_block = kv_ids_ref[0, :1, :]
-    k_doc = kv_ids_ref[1, :1, :]
-    k_visible = kv_ids_ref[2, :1, :]
+def tile_mask(q_ids_ref, kv_ids_ref) -> jax.Array:
+    """bool [bq, bkv]: the METHOD §2 rule for the query block [8, bq] and key block [8, bkv] in VMEM."""
+    q = q_ids_ref[...].T  # [bq, 8]: the query fields as columns
+    q_block, q_doc, q_pos = q[:, 0:1], q[:, 1:2], q[:, 2:3]
+    k = kv_ids_ref[...]
+    k_block, k_doc, k_visible = k[0:1, :], k[1:2, :], k[2:3, :]
     same_block = (q_block == k_block) & (k_block != 0)
     return (q_doc == k_doc) & (same_block | (k_visible <= q_pos))

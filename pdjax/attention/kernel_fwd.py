@@ -60,7 +60,7 @@ def _forward_kernel(
     def accumulate(masked: bool):
         s = jax.lax.dot_general(q_ref[...], k_ref[...], NT_DIMS, preferred_element_type=jnp.float32) * scale
         if masked:
-            mask = tile_mask(q_ids_ref, kv_ids_ref, block_kv)
+            mask = tile_mask(q_ids_ref, kv_ids_ref)
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])  # [bq, 128], lanes equal
@@ -116,17 +116,17 @@ def forward(
         return bi, jax.lax.div(hi, group), plan_ref[bi, i, j] >> 2, 0
 
     def q_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, i, 0
+        return bi, 0, i
 
     def kv_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, 0, plan_ref[bi, i, j] >> 2
+        return bi, 0, plan_ref[bi, i, j] >> 2
 
     in_specs = [
         pl.BlockSpec((None, None, bq, h), q_map),
         pl.BlockSpec((None, None, bkv, h), kv_map),
         pl.BlockSpec((None, None, bkv, h), kv_map),
-        pl.BlockSpec((None, 3, bq, NUM_LANES), q_ids_map),
-        pl.BlockSpec((None, 3, NUM_SUBLANES, bkv), kv_ids_map),
+        pl.BlockSpec((None, NUM_SUBLANES, bq), q_ids_map),
+        pl.BlockSpec((None, NUM_SUBLANES, bkv), kv_ids_map),
     ]
     out_specs = [pl.BlockSpec((None, None, bq, h), q_map)]
     out_shape = [jax.ShapeDtypeStruct((b, nq, t, h), q.dtype)]
