@@ -18,7 +18,6 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -158,12 +157,3 @@ def spec_tree(tree: Any, mesh: Mesh, rules: Rules) -> Any:
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
 
-
-def describe(tree: Any) -> dict[str, tuple[tuple[int, ...], str, Any]]:
-    """path -> (shape, dtype, sharding spec) for every array of a state: for logs and tests."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-        sharding = getattr(leaf, "sharding", None)
-        out[key] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)), getattr(sharding, "spec", sharding))
-    return out
