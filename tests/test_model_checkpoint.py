@@ -207,3 +207,19 @@ def test_mismatched_tensors_are_named(sharded_checkpoint, tmp_path):
     shutil.copy(sharded_checkpoint / "config.json", tmp_path / "empty" / "config.json")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_pretrained(tmp_path / "empty")
+
+
+def test_tied_embeddings_checkpoint(tmp_path):
+    """Qwen2 checkpoints with a tied head (no lm_head.weight) load, compute the same logits and save back tied."""
+    hf = random_qwen2(DreamConfig.tiny(tie_word_embeddings=True), seed=4)
+    hf.save_pretrained(tmp_path / "in")
+    model = load_pretrained(tmp_path / "in")
+    assert model.config.tie_word_embeddings and not hasattr(model, "lm_head")
+    np.testing.assert_allclose(logits(model), hf_logits(hf, TOKENS, None, SEG.position), atol=TOL, rtol=0)
+    save_pretrained(model, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="numpy") as f:
+        assert "lm_head.weight" not in f.keys()
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    np.testing.assert_allclose(
+        hf_logits(reloaded, TOKENS, None, SEG.position), hf_logits(hf, TOKENS, None, SEG.position), atol=1e-6, rtol=0
+    )
