@@ -1,0 +1,549 @@
+"""The planned-diffusion decoder: one jit-compiled `lax.while_loop` per request batch (METHOD §4).
+
+Every example of a batch runs its own state machine, in its own phase:
+
+- PREFILL: the prompt, causal, into the KV cache; its last logits give the
+  first response token.
+- PLAN: one AR step with the cache, under the plan grammar
+  (`pdjax.decode.layout`), until a closer (``<sync/>`` / ``<|im_end|>``) or the
+  budget.
+- LAYOUT (no model call): the round's promises are parsed on device and the
+  group is laid out right after the plan, its closer right after the group.
+  A round without promises is plain text: its ``<|im_end|>`` ends the response.
+- DENOISE: one forward over the whole group per step (all spans at once);
+  each span unmasks its scheduled top-k (`pdjax.decode.schedule`).
+- COMMIT: one forward over the finished group + ``<sync/>`` writes their exact
+  keys/values (the group visible from the sync); the sync's logits give the
+  next plan token. A group closed by ``<|im_end|>`` needs no commit.
+
+Each loop iteration makes exactly one batched model call that serves every
+unfinished example in whatever phase it is: each example contributes a window
+of tokens (its prompt, its last plan token, its group, or its group + sync)
+and the call's width is the smallest static bucket (`DecodeConfig.windows`)
+that holds the widest window, chosen with `lax.switch`. The compiled program
+therefore holds one forward per bucket, whatever the prompt lengths. Slot =
+position (no left padding); the unused part of a window writes to a scratch
+slot (position ``max_length``) with ``visible_from = NEVER`` and doc 0, which
+no query ever sees. Finished examples take no part; denoising-only work
+(sampling every window position, the per-span selection) and the layout are
+skipped with `lax.cond` when no example needs them.
+
+Modes: ``pd`` (planned diffusion), ``ar`` (causal decoding with the cache, no
+plan handling: it needs only the eos id) and ``diffusion`` (Dream's diffusion:
+``max_length - prompt`` masks in one bidirectional block anchored at the last
+prompt token, steps = ``int(masks * steps_ratio)``, one global top-k per step;
+the prompt before the anchor is cached). All three share the sampling code.
+
+Budget (``max_length`` counts prompt + response): a plan that reaches it stops
+(finish "length"); a group that does not fit is shortened (see
+`pdjax.decode.layout`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdjax.decode import layout as lay
+from pdjax.decode import schedule as sch
+from pdjax.decode.sampling import Sample, SamplingParams, sample
+from pdjax.decode.stats import Profiler
+from pdjax.structure import NEVER, ControlIds, Role, Segments
+
+DecodeMode = Literal["pd", "ar", "diffusion"]
+DECODE_MODES: tuple[str, ...] = ("pd", "ar", "diffusion")
+
+PREFILL, PLAN, DENOISE, COMMIT, DONE = 0, 1, 2, 3, 4  # an example's phase; CALL_KINDS follow it
+RUNNING, FINISHED_EOS, FINISHED_LENGTH = 0, 1, 2
+FINISH_REASONS = {RUNNING: "running", FINISHED_EOS: "eos", FINISHED_LENGTH: "length"}
+CALL_KINDS = ("prefill", "plan", "denoise", "commit")  # = phases 0..3
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """What fixes a compiled program: mode, shapes and buckets (hashable; one compile per value).
+
+    ``max_length`` counts prompt + response. ``buckets`` are the static window sizes of
+    prefill, denoising and commit calls (default: powers of two from 32, then ``max_length``).
+    ``max_spans`` bounds the promises of one round (the plan grammar stops opening more).
+    ``profile`` adds host callbacks that time each kind of model call (off by default: the
+    default program makes no host round trip).
+    """
+
+    mode: DecodeMode = "pd"
+    max_length: int = 2048
+    batch_size: int = 1
+    max_spans: int = 16
+    buckets: tuple[int, ...] = ()
+    profile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {DECODE_MODES}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.batch_size < 1 or self.max_spans < 1:
+            raise ValueError("batch_size and max_spans must be >= 1")
+        if any(b < 1 for b in self.buckets):
+            raise ValueError(f"buckets must be positive, got {self.buckets}")
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """The sorted static call widths: 1 (plan steps), the buckets, and max_length (every window fits)."""
+        sizes = self.buckets or tuple(2**p for p in range(5, 31) if 2**p < self.max_length)
+        return tuple(sorted({min(b, self.max_length) for b in sizes} | {1, self.max_length}))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Run-time knobs, with the released decoder's names; changing them never recompiles.
+
+    ``confidence_threshold`` (None: off) switches to the threshold variant, which ranks by
+    the sampled token's probability (the released ``pd_confidence_threshold``; ``alg`` is
+    then unused). ``dense`` is PD-DA (``--disable_block_sparsity``): one block per group.
+    """
+
+    steps_ratio: float = 1.0
+    confidence_threshold: float | None = None
+    length_scale: float = 10.0
+    alg: str = "entropy"
+    temperature: float = 0.2
+    top_p: float | None = 0.95
+    top_k: int | None = None
+    dense: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        SamplingParams.make(self.temperature, self.top_p, self.top_k, self.alg)  # validates
+        lay.length_table(self.length_scale)
+        sch.steps_table(1, self.steps_ratio)
+
+
+class Knobs(NamedTuple):
+    """The traced form of `DecodeOptions`."""
+
+    sampling: SamplingParams
+    threshold: jax.Array  # float32; < 0 means off
+    dense: jax.Array  # bool
+    steps: jax.Array  # [max_length + 1] int32: steps_table
+    lengths: jax.Array  # [100] int32: length_table
+    key: jax.Array  # typed PRNG key
+
+
+def make_knobs(options: DecodeOptions, max_length: int) -> Knobs:
+    """Knobs for one run: host-side tables in Python arithmetic (as the reference), traced scalars."""
+    return Knobs(
+        SamplingParams.make(options.temperature, options.top_p, options.top_k, options.alg),
+        jnp.float32(-1.0 if options.confidence_threshold is None else options.confidence_threshold),
+        jnp.bool_(options.dense),
+        jnp.asarray(sch.steps_table(max_length, options.steps_ratio)),
+        jnp.asarray(lay.length_table(options.length_scale)),
+        jax.random.key(options.seed),
+    )
+
+
+class Rows(NamedTuple):
+    """Per-example decoding state, every field [B, ...]."""
+
+    tokens: jax.Array  # [B, S] token at each position (slot S-1 is scratch)
+    prompt_len: jax.Array
+    n: jax.Array  # response end: the next free position
+    phase: jax.Array
+    finish: jax.Array
+    round_start: jax.Array  # first position of the current plan round
+    grammar: lay.Grammar
+    group_start: jax.Array
+    offset: jax.Array  # [B, K + 1] span boundaries relative to group_start
+    count: jax.Array  # spans in the group
+    size: jax.Array  # group tokens, tags included
+    block_base: jax.Array  # block id of the group's first span
+    next_block: jax.Array
+    closer: jax.Array  # the token that ended the round (<sync/> or <|im_end|>)
+    step: jax.Array  # denoising step within the group
+    steps: jax.Array  # scheduled denoising steps of the group
+    carry: jax.Array  # [B, K] threshold variant: budget carried over per span
+    calls: jax.Array  # [B, 4] model calls per kind (CALL_KINDS)
+    rounds: jax.Array
+    groups: jax.Array
+    spans: jax.Array
+
+
+class State(NamedTuple):
+    rows: Rows
+    cache: Any
+    iteration: jax.Array
+    batch_calls: jax.Array  # [4] batched calls that served at least one example of each kind
+
+
+class Window(NamedTuple):
+    """One call's inputs at full width [B, max_length]; a bucket's call uses the first W columns."""
+
+    tokens: jax.Array
+    segments: Segments
+    valid: jax.Array
+    span: jax.Array  # span index of each window position (group windows)
+    length: jax.Array  # [B] valid tokens
+    ar_index: jax.Array  # [B] window index whose logits give the next AR token
+
+
+class Output(NamedTuple):
+    """What the host receives once per batch."""
+
+    tokens: jax.Array
+    n: jax.Array
+    finish: jax.Array
+    calls: jax.Array
+    rounds: jax.Array
+    groups: jax.Array
+    spans: jax.Array
+    iterations: jax.Array
+    batch_calls: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the traced program closes over."""
+
+    config: DecodeConfig
+    apply: Any
+    make_cache: Any
+    eos: int
+    ids: ControlIds | None
+    vocab_size: int
+    profiler: Profiler | None
+
+    @property
+    def length(self) -> int:  # cache slots: positions 0..max_length-1 and the scratch slot
+        return self.config.max_length + 1
+
+    @property
+    def scratch(self) -> int:
+        return self.config.max_length
+
+
+def _select_rows(mask: jax.Array, new: Any, old: Any) -> Any:
+    """Rows of `new` where mask [B], rows of `old` elsewhere (any pytree of [B, ...] arrays)."""
+
+    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _gather(tokens: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(tokens, jnp.clip(index, 0, tokens.shape[1] - 1), axis=1)
+
+
+def _bucket_index(windows: tuple[int, ...], need: jax.Array) -> jax.Array:
+    return jnp.minimum(jnp.sum(jnp.asarray(windows) < need), len(windows) - 1)
+
+
+def _cond(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
+    """fn(operand) if pred else operand: skips work that no example needs."""
+    return jax.lax.cond(pred, fn, lambda x: x, operand)
+
+
+class _Program:
+    """The traced decoding program of one `_Static` (traced once per compiled shape)."""
+
+    def __init__(self, static: _Static):
+        self.s = static
+        c = static.config
+        self.k = c.max_spans
+        self.width = c.max_length
+        ids = static.ids
+        if c.mode != "ar":
+            v = static.vocab_size
+            self.digit_value = jnp.asarray(lay.digit_values(ids, v)) if c.mode == "pd" else None
+            banned = set(ids.control_set) - ({ids.pad} if c.mode == "pd" else {ids.eos})
+            bias = np.zeros(v, np.float32)
+            bias[sorted(banned)] = -np.inf
+            self.span_bias = jnp.asarray(bias)  # what a span (or the diffusion answer) may not contain
+
+    # ---- the window of each example's call -----------------------------------------------
+
+    def _window(self, rows: Rows, knobs: Knobs) -> Window:
+        """Tokens and segment ids of every example's part of this iteration's call."""
+        c = self.s.config
+        phase = rows.phase[:, None]
+        rel = jnp.arange(self.width, dtype=jnp.int32)[None, :]
+        prefill_len = rows.prompt_len - (1 if c.mode == "diffusion" else 0)
+        group_end = rows.group_start + rows.size  # the closer's position
+        start = jnp.select(
+            [rows.phase == PREFILL, rows.phase == PLAN], [jnp.zeros_like(rows.n), rows.n - 1], rows.group_start
+        )
+        length = jnp.select(
+            [rows.phase == PREFILL, rows.phase == PLAN, rows.phase == DENOISE, rows.phase == COMMIT],
+            [prefill_len, jnp.ones_like(rows.n), rows.size, rows.size + 1],
+            0,
+        )
+        pos = start[:, None] + rel
+        valid = rel < length[:, None]
+        span = jnp.clip(jax.vmap(lay.span_of, in_axes=(0, 0, None))(rows.offset, rows.count, rel[0]), 0, self.k - 1)
+        sparse = (not c.mode == "diffusion") & ~knobs.dense
+        group_block = rows.block_base[:, None] + jnp.where(sparse, span, 0)
+        is_sync = (phase == COMMIT) & (rel == rows.size[:, None])
+        in_group = ((phase == DENOISE) | (phase == COMMIT)) & ~is_sync
+        span_start = jnp.take_along_axis(rows.offset, span, axis=1)
+        span_end = jnp.take_along_axis(rows.offset, span + 1, axis=1)
+        is_tag = (c.mode == "pd") & ((rel == span_start) | (rel == span_end - 1))
+        role = jnp.where(
+            in_group,
+            jnp.where(is_tag, int(Role.TAG), int(Role.SPAN)),
+            jnp.where(phase == PREFILL, int(Role.PROMPT), int(Role.PLAN)),
+        )
+        visible = jnp.where(phase == DENOISE, NEVER, jnp.where(phase == COMMIT, group_end[:, None], pos))
+        segments = Segments(
+            block_id=jnp.where(valid & in_group, group_block, 0).astype(jnp.int32),
+            visible_from=jnp.where(valid, visible, NEVER).astype(jnp.int32),
+            position=jnp.where(valid, pos, self.s.scratch).astype(jnp.int32),
+            doc_id=valid.astype(jnp.int32),
+            role=jnp.where(valid, role, int(Role.PADDING)).astype(jnp.int32),
+        )
+        tokens = jnp.where(valid, _gather(rows.tokens, pos), 0)
+        ar_index = jnp.select([rows.phase == PREFILL, rows.phase == COMMIT], [prefill_len - 1, rows.size], 0)
+        return Window(tokens, segments, valid, span, length, jnp.maximum(ar_index, 0))
+
+    def _call(self, params: Any, window: Window, cache: Any, keys: jax.Array, denoising: jax.Array,
+              sampling: SamplingParams, *, width: int):
+        """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits."""
+        cut = lambda a: a[:, :width]  # noqa: E731
+        logits, cache = self.s.apply(params, cut(window.tokens), jax.tree.map(cut, window.segments), cache)
+        ar_logits = jnp.take_along_axis(logits, jnp.minimum(window.ar_index, width - 1)[:, None, None], axis=1)[:, 0]
+        if self.s.config.mode == "ar":
+            return cache, ar_logits, None
+        # Dream reads the prediction for position j at j-1; a window's first token is never a mask
+        pred = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1) + self.span_bias
+        position_keys = jax.vmap(lambda k, p: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, p))(
+            keys, cut(window.segments.position)
+        )
+
+        def draw(pred: jax.Array) -> Sample:
+            return sample(position_keys, pred, sampling)
+
+        def skip(pred: jax.Array) -> Sample:
+            zeros = jnp.zeros(pred.shape[:2], jnp.float32)
+            return Sample(zeros.astype(jnp.int32), zeros, zeros)
+
+        # a group window is at least 2 wide (tags / anchor), so width 1 serves plan steps only
+        drawn = skip(pred) if width == 1 else jax.lax.cond(denoising, draw, skip, pred)
+        pad = self.width - width
+        drawn = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad))), drawn)
+        return cache, ar_logits, drawn
+
+    # ---- AR tokens: plan steps, the token after a prefill or a commit -----------------------
+
+    def _ar_sample(self, logits: jax.Array, rows: Rows, knobs: Knobs) -> jax.Array:
+        """Each example's next AR token from logits [B, V] (under the plan grammar in pd mode)."""
+        if self.s.config.mode == "pd":
+            bias = jax.vmap(lambda g: lay.grammar_bias(g, self.s.ids, logits.shape[-1], self.k))(rows.grammar)
+            logits = logits + bias
+        return sample(self._row_keys(rows, knobs), logits, knobs.sampling).token
+
+    def _row_keys(self, rows: Rows, knobs: Knobs) -> jax.Array:
+        """[B] keys: one per example and per model call of that example (independent of the batch)."""
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(knobs.key, jnp.sum(rows.calls, axis=1))
+
+    def _write(self, row: Rows, token: jax.Array) -> Rows:
+        """One example appends an ordinary AR token at row.n."""
+        c, pos = self.s.config, row.n
+        is_eos = token == self.s.eos
+        full = pos + 1 >= c.max_length
+        row = row._replace(
+            tokens=row.tokens.at[pos].set(token),
+            n=pos + 1,
+            phase=jnp.where(is_eos | full, DONE, PLAN),
+            finish=jnp.where(is_eos, FINISHED_EOS, jnp.where(full, FINISHED_LENGTH, RUNNING)),
+        )
+        if c.mode == "pd":
+            row = row._replace(
+                grammar=lay.grammar_step(row.grammar, token, self.s.ids, self.digit_value),
+                rounds=row.rounds + full.astype(jnp.int32),  # the budget ends this round
+            )
+        return row
+
+    def _accept(self, rows: Rows, token: jax.Array, knobs: Knobs) -> Rows:
+        """Every example appends its AR token; in pd mode a closer ends the round and lays out its group."""
+        written = jax.vmap(self._write)(rows, token)
+        if self.s.config.mode != "pd":
+            return written
+        ids = self.s.ids
+        closing = (token == ids.sync) | (token == ids.eos)
+        laid = _cond(jnp.any(closing), lambda r: jax.vmap(self._layout, in_axes=(0, 0, None))(r, token, knobs), rows)
+        return _select_rows(closing, laid, written)
+
+    def _layout(self, row: Rows, closer: jax.Array, knobs: Knobs) -> Rows:
+        """The round ended with `closer` at row.n: parse its promises and lay out the group."""
+        c, ids = self.s.config, self.s.ids
+        q = row.n
+        numbers, count = lay.parse_promises(row.tokens, row.round_start, q, ids, self.digit_value, self.k)
+        group = lay.plan_group(knobs.lengths[numbers], count, q, c.max_length)
+        rounds = row.rounds + 1
+        # a round without promises is plain text: its closer (<|im_end|> under the grammar) ends the response
+        plain = row._replace(
+            tokens=row.tokens.at[q].set(closer), n=q + 1, phase=DONE,
+            finish=jnp.where(closer == ids.eos, FINISHED_EOS, FINISHED_LENGTH), rounds=rounds,
+        )
+        truncated = row._replace(phase=DONE, finish=FINISHED_LENGTH, rounds=rounds)
+        laid = row._replace(
+            tokens=lay.write_group(row.tokens, q, group, ids).at[q + group.size].set(closer),
+            n=q + group.size + 1,
+            group_start=q,
+            offset=group.offset,
+            count=group.count,
+            size=group.size,
+            block_base=row.next_block,
+            next_block=row.next_block + jnp.where(knobs.dense, 1, count),
+            closer=closer,
+            step=jnp.int32(0),
+            steps=knobs.steps[jnp.max(group.length)],
+            carry=jnp.zeros_like(row.carry),
+            rounds=rounds,
+            groups=row.groups + 1,
+            spans=row.spans + count,
+        )
+        laid = self._after_step(laid, jnp.sum(group.length) > 0)
+        out = jax.tree.map(lambda a, b: jnp.where(group.fits, a, b), laid, truncated)
+        return jax.tree.map(lambda a, b: jnp.where(count == 0, a, b), plain, out)
+
+    def _after_step(self, row: Rows, masks_left: jax.Array) -> Rows:
+        """Phase after a denoising step (or a layout): denoise on, commit, or done."""
+        c = self.s.config
+        if c.mode == "diffusion":
+            pos = jnp.arange(row.tokens.shape[0])
+            answer = (pos >= row.prompt_len) & (pos < c.max_length)
+            finish = jnp.where(jnp.any(answer & (row.tokens == self.s.eos)), FINISHED_EOS, FINISHED_LENGTH)
+            phase = DONE
+        else:
+            is_sync = row.closer == self.s.ids.sync
+            room = row.group_start + row.size + 1 < c.max_length  # a next plan token fits after the sync
+            phase = jnp.where(is_sync & room, COMMIT, DONE)
+            finish = jnp.where(is_sync, jnp.where(room, RUNNING, FINISHED_LENGTH), FINISHED_EOS)
+        return row._replace(
+            phase=jnp.where(masks_left, DENOISE, phase), finish=jnp.where(masks_left, RUNNING, finish)
+        )
+
+    def _layout_diffusion(self, row: Rows, knobs: Knobs) -> Rows:
+        """Dream diffusion: masks from the prompt end to max_length, one block with the anchor."""
+        c = self.s.config
+        p = row.prompt_len
+        masks = c.max_length - p
+        pos = jnp.arange(row.tokens.shape[0])
+        offset = jnp.full((self.k + 1,), masks + 1, jnp.int32).at[0].set(0)
+        return row._replace(
+            tokens=jnp.where((pos >= p) & (pos < c.max_length), self.s.ids.mask, row.tokens),
+            n=jnp.int32(c.max_length), group_start=p - 1, offset=offset, count=jnp.int32(1), size=masks + 1,
+            block_base=jnp.int32(1), next_block=jnp.int32(2), step=jnp.int32(0), steps=knobs.steps[masks],
+            phase=jnp.int32(DENOISE), finish=jnp.int32(RUNNING), groups=jnp.int32(1),
+        )
+
+    # ---- denoising --------------------------------------------------------------------
+
+    def _denoise(self, rows: Rows, window: Window, drawn: Sample, knobs: Knobs) -> Rows:
+        """Each denoising example unmasks, per span, its scheduled top-k (or the threshold variant's picks)."""
+        masked = window.valid & (window.tokens == self.s.ids.mask)
+        per_span = jax.vmap(lambda m, sp: jax.ops.segment_sum(m.astype(jnp.int32), sp, num_segments=self.k))(
+            masked, window.span
+        )
+        use_threshold = knobs.threshold >= 0
+        confidence = jnp.where(use_threshold, drawn.prob, drawn.confidence)
+        rank = jax.vmap(sch.rank_within_spans)(confidence, window.span, masked)
+        counts = sch.unmask_counts(per_span, rows.step, rows.steps)
+        scheduled = jax.vmap(sch.select_scheduled)(rank, window.span, counts)
+        budget = sch.threshold_budget(per_span, rows.carry, rows.step, rows.steps)
+        gated, carry = jax.vmap(sch.select_threshold, in_axes=(0, 0, 0, 0, None))(
+            rank, window.span, budget, drawn.prob, knobs.threshold
+        )
+        take = masked & jnp.where(use_threshold, gated, scheduled)
+        index = jnp.where(take, window.segments.position, self.s.scratch)
+        tokens = rows.tokens.at[jnp.arange(rows.tokens.shape[0])[:, None], index].set(drawn.token)
+        rows = rows._replace(tokens=tokens, step=rows.step + 1, carry=jnp.where(use_threshold, carry, rows.carry))
+        return jax.vmap(self._after_step)(rows, jnp.any(masked & ~take, axis=1))
+
+    # ---- one iteration -----------------------------------------------------------------
+
+    def _mark(self, state: State, kinds: jax.Array) -> State:
+        """Profiling only: a host timestamp once this call's results exist (data-dependent, ordered)."""
+        if self.s.profiler is None:
+            return state
+        from jax.experimental import io_callback
+
+        n = io_callback(
+            self.s.profiler.mark, jax.ShapeDtypeStruct(state.rows.n.shape, jnp.int32), kinds, state.rows.n,
+            ordered=True,
+        )
+        return state._replace(rows=state.rows._replace(n=n))
+
+    def step(self, state: State, params: Any, knobs: Knobs) -> State:
+        """One batched model call serving every unfinished example, then each example's transition."""
+        c = self.s.config
+        rows = state.rows
+        phase = rows.phase
+        window = self._window(rows, knobs)
+        denoising = jnp.any(phase == DENOISE)
+        windows = c.windows
+        branches = [functools.partial(self._call, width=w) for w in windows]
+        need = jnp.max(jnp.where(phase != DONE, window.length, 0))
+        cache, ar_logits, drawn = jax.lax.switch(
+            _bucket_index(windows, need), branches, params, window, state.cache, self._row_keys(rows, knobs), denoising,
+            knobs.sampling,
+        )
+        served = (phase != DONE) & (window.length > 0)
+        kinds = jax.nn.one_hot(phase, 4, dtype=jnp.int32) * served[:, None]
+        rows = rows._replace(calls=rows.calls + kinds)
+        state = state._replace(
+            cache=cache, iteration=state.iteration + 1, batch_calls=state.batch_calls + (jnp.sum(kinds, 0) > 0)
+        )
+
+        # AR rows: the prompt's next token (pd, ar), a plan step, the token after a commit's <sync/>
+        ar_rows = (phase == PLAN) | (phase == COMMIT) | ((phase == PREFILL) & (c.mode != "diffusion"))
+        if c.mode == "pd":
+            next_round = rows._replace(
+                round_start=rows.group_start + rows.size + 1,
+                grammar=jax.tree.map(lambda x: jnp.broadcast_to(x, phase.shape), lay.Grammar.fresh()),
+            )
+            rows = _select_rows(phase == COMMIT, next_round, rows)
+        new = rows
+        if c.mode != "diffusion":
+            token = self._ar_sample(ar_logits, rows, knobs)
+            new = _select_rows(ar_rows, self._accept(rows, token, knobs), new)
+        if c.mode != "ar":
+            denoised = _cond(denoising, lambda r: self._denoise(r, window, drawn, knobs), rows)
+            new = _select_rows(phase == DENOISE, denoised, new)
+        if c.mode == "diffusion":
+            laid = jax.vmap(self._layout_diffusion, in_axes=(0, None))(rows, knobs)
+            new = _select_rows(phase == PREFILL, laid, new)
+        return self._mark(state._replace(rows=new), jnp.sum(kinds, 0) > 0)
+
+    def run(self, params: Any, prompt_tokens: jax.Array, prompt_len: jax.Array, knobs: Knobs) -> Output:
+        """Decode a batch: prompt_tokens [B, max_length + 1] (prompt first), prompt_len [B] (0: an empty row)."""
+        c, s = self.s.config, self.s
+        b, k = c.batch_size, self.k
+        zeros = jnp.zeros((b,), jnp.int32)
+        rows = Rows(
+            tokens=prompt_tokens, prompt_len=prompt_len, n=prompt_len,
+            phase=jnp.where(prompt_len > 0, PREFILL, DONE).astype(jnp.int32), finish=zeros, round_start=prompt_len,
+            grammar=jax.tree.map(lambda x: jnp.broadcast_to(x, (b,)), lay.Grammar.fresh()),
+            group_start=zeros, offset=jnp.zeros((b, k + 1), jnp.int32), count=zeros, size=zeros,
+            block_base=jnp.ones((b,), jnp.int32), next_block=jnp.ones((b,), jnp.int32), closer=zeros,
+            step=zeros, steps=zeros, carry=jnp.zeros((b, k), jnp.int32), calls=jnp.zeros((b, 4), jnp.int32),
+            rounds=zeros, groups=zeros, spans=zeros,
+        )
+        state = State(rows, s.make_cache(b, s.length), jnp.int32(0), jnp.zeros((4,), jnp.int32))
+        state = self._mark(state, jnp.zeros((4,), bool))
+        # every iteration moves each unfinished example on by a token or a mask: the cap is never reached
+        cap = 2 * c.max_length + 8
+        state = jax.lax.while_loop(
+            lambda st: jnp.any(st.rows.phase != DONE) & (st.iteration < cap),
+            lambda st: self.step(st, params, knobs),
+            state,
+        )
+        r = state.rows
+        return Output(r.tokens, r.n, r.finish, r.calls, r.rounds, r.groups, r.spans, state.iteration, state.batch_calls)
