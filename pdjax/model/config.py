@@ -73,6 +73,8 @@ class DreamConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "xla"
+    # Options of the attention implementation as (name, value) pairs, e.g. (("block_q", 256), ("block_kv", 256)).
+    attention_options: tuple[tuple[str, Any], ...] = ()
     remat: str = "none"
     axis_rules: Rules = DEFAULT_RULES
     # The config.json this config was read from (kept to write Dream-style files back); not part of equality.

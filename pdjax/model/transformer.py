@@ -20,12 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from pdjax.attention import attention
 from pdjax.model.cache import KVCache, write_kv, write_segments
 from pdjax.model.config import DreamConfig
 from pdjax.model.layers import apply_rope, normal, ones, param, rms_norm, rope_tables, zeros
-from pdjax.model.sharding import constrain
+from pdjax.model.sharding import constrain, logical_to_spec
 from pdjax.structure import Segments
 
 _REMAT = {
@@ -49,6 +50,31 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
     "up_proj": ("layers", "mlp", "embed"),
     "down_proj": ("layers", "embed", "mlp"),
 }
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, c: DreamConfig) -> jax.Array:
+    """`pdjax.attention.attention` with the config's implementation and options.
+
+    XLA partitions the `xla` reference like any jnp code, but not a Pallas call:
+    under a mesh, kernels run per shard in `shard_map`, batch split like the
+    activations and heads split over the kv-head axis (query heads follow their
+    kv group, so each shard holds whole GQA groups).
+    """
+    options = dict(c.attention_options)
+    mesh = jax.sharding.get_abstract_mesh()
+    if c.attention_impl == "xla" or mesh.empty:
+        return attention(q, k, v, q_seg, kv_seg, impl=c.attention_impl, **options)
+    batch = logical_to_spec(("act_batch",), (q.shape[0],), mesh, c.axis_rules)[0]
+    heads = logical_to_spec(("act_kv_heads",), (k.shape[2],), mesh, c.axis_rules)[0]
+    act, seg = P(batch, None, heads, None), P(batch, None)
+    seg_specs = Segments(*(seg,) * len(Segments._fields))
+
+    def per_shard(q, k, v, q_seg, kv_seg):
+        return attention(q, k, v, q_seg, kv_seg, impl=c.attention_impl, **options)
+
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(act, act, act, seg_specs, seg_specs), out_specs=act, check_vma=False
+    )(q, k, v, q_seg, kv_seg)
 
 
 def layer_shapes(config: DreamConfig) -> dict[str, tuple[int, ...]]:
@@ -112,7 +138,7 @@ class DecoderLayers(nnx.Module):
                 layer_k = write_kv(layer_k, q_seg.position, k)
                 layer_v = write_kv(layer_v, q_seg.position, v)
                 k, v = layer_k.astype(c.dtype), layer_v.astype(c.dtype)
-            out = attention(q, k, v, q_seg, kv_seg, impl=c.attention_impl)
+            out = attend(q, k, v, q_seg, kv_seg, c)
             x = x + jnp.einsum("btnh,dnh->btd", out, w["o_proj"])
             x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
             h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
