@@ -166,17 +166,25 @@ def test_loss_falls_and_2x4_mesh_matches_one_device(workdir, straight):
     trainer.close()
 
 
-def test_resume_gives_identical_parameters_and_data_order(workdir, straight):
-    cfg_s, _, rec_s, _, params_s = straight
-    extra = (f"checkpoint.dir={workdir / 'stopped' / 'ckpt'}", "checkpoint.every_steps=10")
-    first = Trainer.create(make_config(workdir, "stopped", *extra), tokenizer=tokenizer(), devices=jax.devices()[:1], log=None)
-    rec_a = Recorder()
-    first.train(until=STEPS // 2, callback=rec_a)
+STOPPED = ("checkpoint.every_steps=10",)
+
+
+@pytest.fixture(scope="module")
+def stopped(workdir):
+    """The same run stopped half-way (checkpoints at 10, 20 and the stop at 25)."""
+    cfg = make_config(workdir, "stopped", f"checkpoint.dir={workdir / 'stopped' / 'ckpt'}", *STOPPED)
+    first = Trainer.create(cfg, tokenizer=tokenizer(), devices=jax.devices()[:1], log=None)
+    rec = Recorder()
+    first.train(until=STEPS // 2, callback=rec)
+    params = host_params(first)
     first.close()
-    del first
-    second = Trainer.create(
-        make_config(workdir, "stopped", *extra), tokenizer=tokenizer(), devices=jax.devices()[:1], resume=True, log=None
-    )
+    return cfg, rec, params
+
+
+def test_resume_gives_identical_parameters_and_data_order(workdir, straight, stopped):
+    _, _, rec_s, _, params_s = straight
+    cfg, rec_a, _ = stopped
+    second = Trainer.create(cfg, tokenizer=tokenizer(), devices=jax.devices()[:1], resume=True, log=None)
     assert int(second.state.step) == STEPS // 2
     rec_b = Recorder()
     second.train(callback=rec_b)
@@ -203,20 +211,24 @@ def test_malformed_rows_are_reported_with_reasons_and_skipped(workdir, straight)
     assert tokenizer().convert_tokens_to_ids("question") in rec.seen
 
 
-def test_export_of_a_checkpointed_step_loads_back(workdir, straight):
-    """Any checkpointed step exports to a HF folder that load_pretrained reads back with the same weights."""
+def test_export_of_a_checkpointed_step_loads_back(workdir, straight, stopped):
+    """Any checkpointed step exports to a HF folder that load_pretrained reads back with that step's weights.
+
+    Step 25 of the straight run was saved asynchronously while training went on (donating the state);
+    its weights must equal those of the run that stopped at 25.
+    """
     from pdjax.model.checkpoint import load_pretrained
 
     cfg, _, _, _, _ = straight
+    _, _, params_25 = stopped
     trainer = Trainer.create(cfg, tokenizer=tokenizer(), devices=jax.devices()[:1], restore_step=25, with_data=False, log=None)
     assert int(trainer.state.step) == 25
     out = workdir / "export25"
     trainer.export(str(out))
+    trainer.close()
     model = load_pretrained(str(out))
     assert isinstance(model, DreamModel)
     loaded = jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(nnx.state(model))))
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host_params(trainer))):
-        np.testing.assert_array_equal(a, b)
-    ids = ControlIds.from_tokenizer(tokenizer())
-    assert ids.mask < model.config.vocab_size
-    trainer.close()
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(loaded)[0], jax.tree.leaves(params_25)):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+    assert ControlIds.from_tokenizer(tokenizer()).mask < model.config.vocab_size
