@@ -80,3 +80,36 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss(reference):
     params_b, m_b = run_step(DreamConfig.tiny(vocab_size=160, dtype=jnp.bfloat16), grad_accum=1)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(params_b))
     np.testing.assert_allclose(m_b["loss"], m1["loss"], rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+def test_sharded_train_step_lowers_for_tpu(impl):
+    """The whole step (LoRA and full), sharded on a 2x4 mesh, bf16 compute, remat: exported for TPU from CPU."""
+    from pdjax.model import abstract_model, make_mesh, state_shardings
+    from pdjax.train.lora import LoraConfig
+    from pdjax.train.step import batch_sharding, jit_train_step, state_layout
+
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    config = DreamConfig.tiny(
+        vocab_size=256, hidden_size=128, num_heads=4, num_kv_heads=4, head_dim=128,
+        dtype=jnp.bfloat16, remat="dots", attention_impl=impl,
+    )
+    graphdef, state = nnx.split(abstract_model(config, mesh), nnx.Param)
+    base = nnx.to_pure_dict(state)
+    base_shardings = nnx.to_pure_dict(state_shardings(state, mesh, config.axis_rules))
+    tx = optax.adamw(1e-4)
+    shape = (8, 256)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, config.axis_rules, shape))
+             for k in ("tokens", *Segments._fields)}
+    for lora in (None, LoraConfig(rank=8)):
+        abstract, shardings, frozen_shardings = state_layout(base, base_shardings, tx, mesh, config.axis_rules, lora)
+        options = StepOptions(LossConfig(), mask_id=3, grad_accum=2, lora=lora)
+        step = jit_train_step(
+            make_train_step(graphdef, tx, optax.constant_schedule(1e-4), options),
+            shardings, frozen_shardings, {k: v.sharding for k, v in batch.items()}, mesh,
+        )
+        frozen = {"base": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base, base_shardings)} if lora else {}
+        with jax.set_mesh(mesh):
+            exported = jax.export.export(step.jitted, platforms=["tpu"])(abstract, frozen, batch)
+        assert exported.platforms == ("tpu",)
+        assert exported.nr_devices == 8

@@ -38,7 +38,8 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype; bfloat16 on TPU
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights when trained)
     remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # xla (any device) | pallas_tpu (block-sparse TPU kernel) | splash_dense
+    attention_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {block_q: 256, block_kv: 256}
 
     def __post_init__(self) -> None:
         if self.preset is None and self.checkpoint is None:

@@ -126,6 +126,37 @@ def make_train_step(
     return train_step
 
 
+def state_layout(
+    base: Any, base_shardings: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Any, lora: Any = None
+) -> tuple[TrainState, TrainState, Any]:
+    """(abstract state with shardings, state shardings, frozen shardings) for model params `base` (pure dict).
+
+    Full fine-tuning trains `base` itself; with an enabled `lora` config the
+    trainable params are LoRA pairs and `base` is frozen. Optimizer moments get
+    their parameters' shardings; counters are replicated.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if lora is not None and lora.enabled:
+        params = lora_lib.abstract_lora(base, lora)
+        param_shardings = lora_lib.lora_shardings(params, mesh, rules)
+        frozen_shardings = {"base": base_shardings}
+    else:
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+        param_shardings = base_shardings
+        frozen_shardings = {}
+    opt = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt, param_shardings, transform_non_params=lambda _: replicated)
+    shardings = TrainState(replicated, param_shardings, opt_shardings, replicated)
+    abstract = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32),
+        params,
+        opt,
+        jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings, frozen_shardings
+
+
 def batch_sharding(mesh: Mesh, rules: Any, shape: tuple[int, int]) -> NamedSharding:
     """Rows over the mesh's batch axes (data, fsdp), the length axis whole."""
     return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), shape, mesh, rules))

@@ -29,7 +29,7 @@ from pdjax.train.checkpointing import Checkpointer, abstract_like
 from pdjax.train.config import TrainConfig, config_dict
 from pdjax.train.metrics import MetricsLog, Throughput, flops_per_token, peak_flops
 from pdjax.train.optimizer import learning_rate_schedule, make_optimizer
-from pdjax.train.step import StepOptions, TrainState, batch_sharding, jit_train_step, make_train_step, model_state
+from pdjax.train.step import StepOptions, TrainState, batch_sharding, jit_train_step, make_train_step, state_layout
 
 # The jitted steps of recent setups, reused by a new Trainer with the same model, optimizer, mesh and batch
 # shape (a resumed run in the same process, a notebook re-running a cell): no second compilation.
@@ -77,7 +77,13 @@ def presets() -> list[str]:
 def model_config(cfg: TrainConfig, tokenizer: Any) -> DreamConfig:
     """The `DreamConfig` of the run: a checkpoint's config.json, else a preset, with the run's numerics."""
     m = cfg.model
-    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
+    numerics = dict(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        attention_impl=m.attention_impl,
+        attention_options=tuple(sorted(m.attention_options.items())),
+    )
     vocab_needed = len(tokenizer)
     if m.checkpoint is not None:
         config = DreamConfig.from_hf(os.path.expanduser(m.checkpoint), **numerics)
@@ -197,6 +203,7 @@ class Trainer:
                 param_dtype=cfg.model.param_dtype,
                 remat=cfg.model.remat,
                 attention_impl=cfg.model.attention_impl,
+                attention_options=config.attention_options,
             )
             config = model.config
         elif need_base_values:
@@ -211,29 +218,9 @@ class Trainer:
         del model, params_state
 
         replicated = NamedSharding(mesh, PartitionSpec())
-        if lora_cfg is not None:
-            frozen = {"base": base}
-            frozen_shardings = {"base": base_shardings}
-            abstract_params = lora_lib.abstract_lora(base, lora_cfg)
-            param_shardings = lora_lib.lora_shardings(abstract_params, mesh, rules)
-        else:
-            frozen, frozen_shardings = {}, {}
-            abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
-            param_shardings = base_shardings
-
-        abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(
-            tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
-        )
-        state_shardings_ = TrainState(replicated, param_shardings, opt_shardings, replicated)
-
+        abstract_state, state_shardings_, frozen_shardings = state_layout(base, base_shardings, tx, mesh, rules, lora_cfg)
+        frozen = {"base": base} if lora_cfg is not None else {}
         if restoring:
-            abstract_state = TrainState(
-                jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                _with_shardings(abstract_params, param_shardings),
-                _with_shardings(abstract_opt, opt_shardings),
-                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-            )
             state, meta = checkpointer.restore(restore_step, abstract_state, data)
             if report is not None and meta.get("data_fingerprint") not in (None, report.fingerprint):
                 raise ValueError(
@@ -245,11 +232,11 @@ class Trainer:
             key = jax.random.key(cfg.seed)
             with jax.set_mesh(mesh):
                 if lora_cfg is not None:
-                    init = jax.jit(lambda b, k: lora_lib.init_lora(b, lora_cfg, k), out_shardings=param_shardings)
+                    init = jax.jit(lambda b, k: lora_lib.init_lora(b, lora_cfg, k), out_shardings=state_shardings_.params)
                     params = init(base, jax.random.fold_in(key, 1))
                 else:
                     params = base
-                opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+                opt_state = jax.jit(tx.init, out_shardings=state_shardings_.opt_state)(params)
             state = TrainState(
                 jax.device_put(jnp.zeros((), jnp.int32), replicated),
                 params,
@@ -405,10 +392,6 @@ class Trainer:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.close()
-
-
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = print) -> Trainer:
