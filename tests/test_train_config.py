@@ -144,3 +144,25 @@ def test_parse_overrides_values_are_yaml():
         "d": None,
         "e": True,
     }
+
+
+def test_flops_per_token_counts_every_matmul_weight():
+    """6 FLOPs per matmul weight (embedding lookup, biases and norms excluded) + the attention term."""
+    from pdjax.model import DreamConfig
+    from pdjax.train.metrics import flops_per_token, peak_flops
+
+    c = DreamConfig.tiny()
+    biases = c.num_layers * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    norms = c.num_layers * 2 * c.hidden_size + c.hidden_size
+    matmul = c.num_params - c.vocab_size * c.hidden_size - biases - norms
+    attention = 12 * c.num_layers * c.num_heads * c.head_dim * 256
+    assert flops_per_token(c, 256) == 6 * matmul + attention
+    assert flops_per_token(c, 256, frozen_weights=True) == 4 * matmul + attention
+
+    class Device:
+        device_kind = "TPU v5p"
+
+    assert peak_flops(Device()) == 459e12
+    assert peak_flops(Device(), override_tflops=100.0) == 100e12
+    Device.device_kind = "cpu"
+    assert peak_flops(Device()) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -66,27 +67,24 @@ class Throughput:
         self.peak = peak
         self._t = time.perf_counter()
         self._steps = 0
-        self._tokens = 0
+        self._tokens: list[Any] = []
 
-    def reset(self) -> None:
-        self._t = time.perf_counter()
-        self._steps = 0
-        self._tokens = 0
-
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: Any) -> None:
+        """Count one step; `tokens` may be a device scalar (read only at the next `read`, no sync per step)."""
         self._steps += 1
-        self._tokens += int(tokens)
+        self._tokens.append(tokens)
 
     def read(self) -> dict[str, float]:
         """Averages since the last read (call after blocking on the last step's results)."""
+        tokens = float(sum(int(t) for t in jax.device_get(self._tokens)))
         now = time.perf_counter()
         elapsed = max(now - self._t, 1e-9)
         steps = max(self._steps, 1)
-        out = {"step_time_s": elapsed / steps, "tokens_per_s": self._tokens / elapsed}
+        out = {"step_time_s": elapsed / steps, "tokens_per_s": tokens / elapsed}
         if self.peak:
             achieved = self.flops_per_position * self.positions_per_step * steps / elapsed
             out["mfu"] = achieved / (self.peak * self.num_devices)
-        self._t, self._steps, self._tokens = now, 0, 0
+        self._t, self._steps, self._tokens = now, 0, []
         return out
 
 
@@ -107,6 +105,8 @@ class MetricsLog:
         enabled: bool = True,
     ):
         self.enabled = enabled
+        self._lines = progress  # without a terminal: one plain line per logged step instead of a live bar
+        self._total = total_steps
         self._jsonl = None
         self._tb = None
         self._progress = None
@@ -119,7 +119,7 @@ class MetricsLog:
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
-        if progress:
+        if progress and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -146,9 +146,12 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
             self._tb.flush()
+        status = " ".join(f"{k} {_short(plain[k])}" for k in _SHOWN if k in plain)
         if self._progress is not None:
-            status = " ".join(f"{k} {_short(plain[k])}" for k in ("loss", "ar_loss", "diffusion_loss", "tokens_per_s", "mfu") if k in plain)
             self._progress.update(self._task, completed=step, status=status)
+        elif self._lines:
+            total = f"/{self._total}" if self._total else ""
+            print(f"step {step}{total} {status}", flush=True)
 
     def advance(self, step: int) -> None:
         """Move the progress bar without writing metrics."""
@@ -174,6 +177,9 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+_SHOWN = ("loss", "ar_loss", "diffusion_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu")
 
 
 def _plain(v: Any) -> Any:

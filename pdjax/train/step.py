@@ -151,7 +151,7 @@ def state_layout(
         jax.ShapeDtypeStruct((), jnp.int32),
         params,
         opt,
-        jax.ShapeDtypeStruct((2,), jnp.uint32),
+        jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),  # (2,) uint32 for threefry
     )
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     return abstract, shardings, frozen_shardings

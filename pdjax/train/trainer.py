@@ -20,10 +20,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pdjax.data import BATCH_KEYS, DataReport, build_pipeline
+from pdjax.data import BATCH_KEYS, DataReport, build_pipeline, prepare_source
 from pdjax.model import DreamConfig, DreamModel, abstract_model, init_model, make_mesh, state_shardings
 from pdjax.model.tokenizer import load_tokenizer
-from pdjax.structure import ControlIds, Role, add_control_tokens
+from pdjax.structure import ControlIds, add_control_tokens
 from pdjax.train import lora as lora_lib
 from pdjax.train.checkpointing import Checkpointer, abstract_like
 from pdjax.train.config import TrainConfig, config_dict
@@ -152,6 +152,7 @@ class Trainer:
         """
         log = log or (lambda _msg: None)
         initialize_distributed(cfg.distributed)
+        prepare_source(cfg.data, log=log)  # a generated (synthetic:) source writes its data and tokenizer first
         if tokenizer is None:
             source = cfg.model.tokenizer or cfg.model.checkpoint
             if source is None:
@@ -346,7 +347,7 @@ class Trainer:
                 step += 1
                 if callback is not None:
                     callback(step, host_batch, metrics)
-                throughput.add(int(np.sum(np.asarray(host_batch["role"]) != Role.PADDING)))
+                throughput.add(metrics["tokens"])  # all hosts' document tokens, summed on device
                 first = step == start + 1
                 if first or step % cfg.log.every_steps == 0 or step == stop:
                     values = {k: v.item() for k, v in jax.device_get(metrics).items()}
