@@ -111,17 +111,23 @@ class Decoder:
             raise DecodeInputError(f"prompt {index} has token ids outside the vocabulary ({self.vocab_size}): {bad[:5]}")
         return ids
 
-    def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions = DecodeOptions()) -> list[DecodeResult]:
-        """Decode every prompt (token ids, chat template already applied); results in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions = DecodeOptions(),
+                 params: Any = None) -> list[DecodeResult]:
+        """Decode every prompt (token ids, chat template already applied); results in prompt order.
+
+        ``params`` replaces the forward's parameters for this call (same structure and shapes:
+        no recompilation), e.g. weights updated by training.
+        """
         checked = [self.check_prompt(p, i) for i, p in enumerate(prompts)]
         knobs = make_knobs(options, self.config.max_length)
+        params = self.forward.params if params is None else params
         b = self.config.batch_size
         results: list[DecodeResult] = []
         for start in range(0, len(checked), b):
-            results.extend(self._batch(checked[start : start + b], knobs))
+            results.extend(self._batch(checked[start : start + b], knobs, params))
         return results
 
-    def _batch(self, prompts: list[list[int]], knobs: Any) -> list[DecodeResult]:
+    def _batch(self, prompts: list[list[int]], knobs: Any, params: Any) -> list[DecodeResult]:
         c = self.config
         tokens = np.zeros((c.batch_size, c.max_length + 1), np.int32)
         lengths = np.zeros((c.batch_size,), np.int32)  # rows past the prompts: length 0, done from the start
@@ -131,7 +137,7 @@ class Decoder:
         if self.profiler is not None:
             self.profiler.reset()
         t0 = time.perf_counter()
-        out: Output = jax.device_get(self._run(self.forward.params, tokens, lengths, knobs))
+        out: Output = jax.device_get(self._run(params, tokens, lengths, knobs))
         wall = time.perf_counter() - t0
         phase_time = dict(self.profiler.seconds) if self.profiler is not None else None
         return [self._result(out, i, p, wall, phase_time) for i, p in enumerate(prompts)]

@@ -1,0 +1,438 @@
+"""The jitted, cached decoder equals a plain decoder written here from METHOD §4, token for token.
+
+The reference recomputes the whole sequence with no KV cache at every step,
+takes its attention masks from `pdjax.structure.segments_from_tokens`, and
+follows the documented decoding rules (schedule with exact linspace
+fractions, plan grammar, budget). Both run a tiny random DreamModel, greedy,
+with a scripted logits bias that forces the plan's structure (promise tags,
+digits, closers) while the model itself picks the topic words, plain text and
+every span token, so a wrong cache entry or mask changes the output.
+"""
+
+from __future__ import annotations
+
+import time
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pdjax.decode import DecodeConfig, DecodeInputError, DecodeOptions, Decoder, Forward, model_forward
+from pdjax.model import DreamConfig, DreamModel
+from pdjax.structure import (
+    NEVER,
+    Segments,
+    padding_segments,
+    parse_response,
+    segments_from_tokens,
+)
+from pdjax.structure.errors import UnclosedPromise
+from structures import IDS  # control ids 50..57, digits 60..69
+
+V = 160
+MAX_LEN = 44
+BIG = 1e4
+CONTROLS = sorted(IDS.control_set)
+DIGITS = list(IDS.digits)
+
+
+# ---- the model, with a scripted bias by position -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> DreamModel:
+    m = DreamModel(DreamConfig.tiny(vocab_size=V), rngs=nnx.Rngs(0))
+    m.lm_head[...] = m.lm_head[...] * 15.0  # peaky distributions: confidences far apart
+    return m
+
+
+def bias_table(forced: dict[int, int]) -> np.ndarray:
+    """[MAX_LEN + 1, V]: the row of position p biases the prediction made at p (of token p + 1).
+
+    Controls and digits are suppressed everywhere; `forced[q] = tok` forces tok at position q.
+    """
+    table = np.zeros((MAX_LEN + 1, V), np.float32)
+    table[:, CONTROLS + DIGITS] = -BIG
+    for q, tok in forced.items():
+        table[q - 1, tok] = 2 * BIG
+    return table
+
+
+def biased(forward: Forward, batch: int) -> Forward:
+    """The model plus a per-row bias table [B, MAX_LEN + 1, V] passed with the parameters (no recompiles)."""
+
+    def apply(params, tokens, segments, cache):
+        weights, table = params
+        logits, cache = forward.apply(weights, tokens, segments, cache)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        return logits + table[rows, jnp.clip(segments.position, 0, MAX_LEN)], cache
+
+    return Forward(apply, (forward.params, np.zeros((batch, MAX_LEN + 1, V), np.float32)), forward.make_cache)
+
+
+# ---- the scripted plans ----------------------------------------------------------------
+
+
+def clip_lengths(lengths: list[int], start: int, max_length: int) -> list[int] | None:
+    """The documented budget rule: spans keep their length in promise order while it lasts."""
+    spare = max_length - start - 2 * len(lengths) - 1
+    if spare < 0:
+        return None
+    out = []
+    for n in lengths:
+        out.append(max(0, min(n, spare)))
+        spare -= out[-1]
+    return out
+
+
+def script(prompt_len: int, rounds: list, tail: int | None, length_scale: int = 1) -> dict[int, int]:
+    """Forced tokens by position for `rounds` = [([(topic_words, number), ...], closer), ...] then a
+    plain tail of `tail` free words and <|im_end|>. Topic words and tail words stay free."""
+    forced: dict[int, int] = {}
+    cur = prompt_len
+    for promises, closer in rounds:
+        for words, number in promises:
+            forced[cur] = IDS.promise_start
+            cur += 1 + words
+            for d in str(number):
+                forced[cur] = IDS.digits[int(d)]
+                cur += 1
+            forced[cur] = IDS.promise_end
+            cur += 1
+        forced[cur] = IDS.sync if closer == "sync" else IDS.eos
+        lengths = clip_lengths([n * length_scale for _, n in promises], cur, MAX_LEN)
+        if lengths is None:
+            return forced
+        cur += sum(n + 2 for n in lengths) + 1  # the group, then the closer
+    if tail is not None:
+        forced[cur + tail] = IDS.eos
+    return forced
+
+
+# ---- the reference decoder ---------------------------------------------------------------
+
+
+class Reference:
+    """METHOD §4 with full recomputation: one uncached forward of the whole sequence per step."""
+
+    def __init__(self, run, table: np.ndarray):
+        self.run = run  # the jitted uncached model on one padded row
+        self.table = table
+
+    def logits(self, seq: list[int], seg: Segments) -> np.ndarray:
+        """[len(seq), V] float64 logits (+ scripted bias), the sequence padded to MAX_LEN + 1."""
+        n = len(seq)
+        pad = padding_segments(MAX_LEN + 1 - n, start_position=n)
+        full = Segments(*(np.concatenate([np.asarray(a, np.int32), b]) for a, b in zip(seg, pad)))
+        tokens = np.zeros(MAX_LEN + 1, np.int32)
+        tokens[:n] = seq
+        out = np.asarray(self.run(tokens[None], Segments(*(a[None] for a in full)))[0, :n], np.float64)
+        return out + self.table[np.arange(n)]
+
+    # segments ---------------------------------------------------------------------------
+
+    @staticmethod
+    def pd_segments(seq: list[int], prompt_len: int, dense: bool) -> Segments:
+        try:
+            parsed = parse_response(seq, IDS, prompt_len, allow_truncated=True, allow_masks=True)
+            return segments_from_tokens(seq, prompt_len, IDS, dense, parsed=parsed)
+        except UnclosedPromise:  # a plan step inside a promise: the current round's plan is causal text
+            start = max([prompt_len] + [i + 1 for i in range(prompt_len, len(seq)) if seq[i] == IDS.sync])
+            head = Reference.pd_segments(seq[:start], prompt_len, dense)
+            pos = np.arange(start, len(seq), dtype=np.int32)
+            tail = Segments(np.zeros_like(pos), pos, pos, np.ones_like(pos), np.ones_like(pos))
+            return Segments(*(np.concatenate([a, b]) for a, b in zip(head, tail)))
+
+    @staticmethod
+    def ar_segments(seq: list[int], prompt_len: int) -> Segments:
+        seg = segments_from_tokens(seq + [IDS.eos], prompt_len, IDS, mode="ar_only")
+        return Segments(*(a[:-1] for a in seg))
+
+    @staticmethod
+    def diffusion_segments(seq: list[int], prompt_len: int) -> Segments:
+        shape = [IDS.eos if t == IDS.mask else t for t in seq]  # the layout does not depend on content
+        return segments_from_tokens(shape, prompt_len, IDS, mode="diffusion_only")
+
+    # sampling and confidence (greedy) -------------------------------------------------------
+
+    @staticmethod
+    def confidences(pred: np.ndarray, alg: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs = np.exp(pred - pred.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        token = probs.argmax(-1)
+        top = np.sort(probs, -1)
+        prob = top[:, -1]
+        conf = {
+            "entropy": np.sum(probs * np.log(probs + 1e-10), -1),
+            "maskgit_plus": prob,
+            "topk_margin": top[:, -1] - top[:, -2],
+        }[alg]
+        return token, prob, conf
+
+    @staticmethod
+    def plan_allowed(plan: list[int], tok: int, max_spans: int = 16) -> bool:
+        """The documented plan grammar, read off the current round's plan text."""
+        inside, run, promises = False, 0, 0
+        for t in plan:
+            if not inside and t == IDS.promise_start:
+                inside, run = True, 0
+            elif inside and t == IDS.promise_end:
+                inside, promises = False, promises + 1
+            elif inside and t in DIGITS:
+                run = run + 1 if run < 2 else run
+            elif inside and run > 0:
+                run = 3
+        if tok in (IDS.async_start, IDS.async_end, IDS.pad, IDS.mask):
+            return False
+        if inside:
+            return not (tok in (IDS.promise_start, IDS.sync, IDS.eos) or (tok == IDS.promise_end and run == 0)
+                        or (tok in DIGITS and run == 2))
+        return not (tok == IDS.promise_end or (tok == IDS.sync and promises == 0)
+                    or (tok == IDS.promise_start and promises >= max_spans))
+
+    # the schedule ---------------------------------------------------------------------------
+
+    @staticmethod
+    def scheduled(masked: int, i: int, steps: int) -> int:
+        if i >= steps - 1:
+            return masked
+        eps = Fraction(1, 1000)
+        t = 1 + i * (eps - 1) / steps  # linspace(1, eps, steps + 1), exactly
+        s = 1 + (i + 1) * (eps - 1) / steps
+        return min(masked, max(1, int(masked * (1 - s / t))))
+
+    def denoise(self, seq, spans, segments_of, steps, alg, threshold, banned) -> list[int]:
+        """Unmask every span of `spans` (lists of positions) in `seq`; returns the step count."""
+        i, carry = 0, [0] * len(spans)
+        while any(seq[p] == IDS.mask for sp in spans for p in sp):
+            logits = self.logits(seq, segments_of(seq))
+            pred = np.concatenate([logits[:1], logits[:-1]])  # Dream: position j is read at j - 1
+            pred[:, banned] = -np.inf
+            token, prob, conf = self.confidences(pred, "maskgit_plus" if threshold is not None else alg)
+            take = []
+            for k, sp in enumerate(spans):
+                masked = [p for p in sp if seq[p] == IDS.mask]
+                if not masked:
+                    continue
+                order = sorted(masked, key=lambda p: (-conf[p], p))
+                if threshold is None:
+                    take += order[: self.scheduled(len(masked), i, steps)]
+                else:
+                    base = len(masked) // (steps - i) if i < steps else 0
+                    budget = min(max(1, base) + carry[k], len(masked))
+                    chosen = [p for r, p in enumerate(order[:budget]) if r == 0 or prob[p] >= threshold]
+                    carry[k] = budget - len(chosen)
+                    take += chosen
+            for p in take:
+                seq[p] = int(token[p])
+            i += 1
+        return i
+
+    # the three modes -----------------------------------------------------------------------
+
+    def pd(self, prompt, *, dense=False, steps_ratio=1.0, alg="entropy", threshold=None, length_scale=1):
+        seq, plen = list(prompt), len(prompt)
+        round_start = plen
+        calls = 1  # the prefill gives the first token
+        banned = sorted(set(CONTROLS) - {IDS.pad})
+        seg_of = lambda s: self.pd_segments(s, plen, dense)  # noqa: E731
+        while True:
+            logits = self.logits(seq, seg_of(seq))[-1]
+            allowed = [self.plan_allowed(seq[round_start:], t) for t in range(V)]
+            tok = int(np.argmax(np.where(allowed, logits, -np.inf)))
+            if tok not in (IDS.sync, IDS.eos):
+                seq.append(tok)
+                if len(seq) >= MAX_LEN:
+                    return seq[plen:], calls
+                calls += 1
+                continue
+            promises = parse_response(seq, IDS, round_start, allow_truncated=True).rounds[-1].promises
+            if not promises:
+                return seq[plen:] + [tok], calls
+            lengths = clip_lengths([p.number * length_scale for p in promises], len(seq), MAX_LEN)
+            if lengths is None:
+                return seq[plen:], calls
+            spans = []
+            for n in lengths:
+                start = len(seq)
+                seq += [IDS.async_start] + [IDS.mask] * n + [IDS.async_end]
+                spans.append(list(range(start + 1, start + 1 + n)))
+            steps = max(1, int(max(lengths) * steps_ratio)) if max(lengths) else 0
+            calls += self.denoise(seq, spans, seg_of, steps, alg, threshold, banned)
+            seq.append(tok)
+            if tok == IDS.eos or len(seq) >= MAX_LEN:
+                return seq[plen:], calls
+            round_start = len(seq)
+            calls += 1  # the commit gives the next plan token
+
+    def ar(self, prompt):
+        seq, plen = list(prompt), len(prompt)
+        while True:
+            tok = int(np.argmax(self.logits(seq, self.ar_segments(seq, plen))[-1]))
+            seq.append(tok)
+            if tok == IDS.eos or len(seq) >= MAX_LEN:
+                return seq[plen:], len(seq) - plen
+
+    def diffusion(self, prompt, *, steps_ratio=1.0, alg="entropy", threshold=None):
+        plen = len(prompt)
+        n = MAX_LEN - plen
+        seq = list(prompt) + [IDS.mask] * n
+        steps = max(1, int(n * steps_ratio))
+        banned = sorted(set(CONTROLS) - {IDS.eos})
+        seg_of = lambda s: self.diffusion_segments(s, plen)  # noqa: E731
+        calls = 1 + self.denoise(seq, [list(range(plen, MAX_LEN))], seg_of, steps, alg, threshold, banned)
+        answer = seq[plen:]
+        if IDS.eos in answer:
+            answer = answer[: answer.index(IDS.eos) + 1]
+        return answer, calls
+
+
+# ---- decoders under test (one compiled program each, shared across tests) -------------------
+
+PROMPTS = [[100, 101, 102], [103, 104, 105, 106, 107, 108], [109, 110]]
+# one scripted plan per prompt: 2 rounds / 1 round ending the answer / 3 rounds with a plain tail
+PLANS = [
+    ([([(1, 3), (0, 5)], "sync"), ([(1, 2)], "eos")], None),
+    ([([(2, 4), (1, 2), (0, 3)], "eos")], None),
+    ([([(0, 2)], "sync"), ([(1, 3)], "sync"), ([(0, 2), (0, 1)], "sync")], 3),
+]
+
+
+@pytest.fixture(scope="module")
+def forward(model) -> Forward:
+    return model_forward(model)
+
+
+@pytest.fixture(scope="module")
+def ref_run(model):
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda tokens, seg: nnx.merge(graphdef, params)(tokens, seg)[0])
+
+
+_decoders: dict = {}
+
+
+@pytest.fixture(scope="module")
+def decoders(forward):
+    """decoders(mode, batch): one compiled program per (mode, batch), shared by every test."""
+
+    def get(mode: str, batch: int) -> Decoder:
+        if (mode, batch) not in _decoders:
+            cfg = DecodeConfig(mode=mode, max_length=MAX_LEN, batch_size=batch, buckets=(16,))
+            _decoders[mode, batch] = Decoder(biased(forward, batch), eos_id=IDS.eos, ids=IDS, config=cfg)
+        return _decoders[mode, batch]
+
+    return get
+
+
+def run(decoder: Decoder, prompts, tables, **options):
+    """Decode with per-row bias tables (rows past the prompts get zeros)."""
+    stacked = np.zeros((decoder.config.batch_size, MAX_LEN + 1, V), np.float32)
+    stacked[: len(tables)] = tables
+    params = (decoder.forward.params[0], stacked)
+    return decoder.generate(prompts, DecodeOptions(**{**GREEDY, **options}), params=params)
+
+
+GREEDY = dict(temperature=0.0, top_p=None, length_scale=1)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_pd_batch1_equals_reference(ref_run, decoders, dense):
+    for prompt, (rounds, tail) in zip(PROMPTS, PLANS):
+        table = bias_table(script(len(prompt), rounds, tail))
+        got = run(decoders("pd", 1), [prompt], [table], dense=dense)[0]
+        want, calls = Reference(ref_run, table).pd(prompt, dense=dense)
+        assert got.token_ids == want
+        assert got.stats.model_calls == calls
+        parse_response(prompt + got.token_ids, IDS, len(prompt), allow_truncated=True)
+
+
+def test_pd_batch1_structure_counts(decoders):
+    prompt, (rounds, tail) = PROMPTS[2], PLANS[2]
+    got = run(decoders("pd", 1), [prompt], [bias_table(script(len(prompt), rounds, tail))])[0]
+    resp = parse_response(prompt + got.token_ids, IDS, len(prompt))
+    assert [len(r.promises) for r in resp.rounds] == [1, 1, 2, 0]  # 3 planned rounds, then plain text
+    assert [s.end - s.start - 1 for s in resp.spans] == [2, 3, 2, 1] == got.stats.span_lengths
+    assert (got.stats.rounds, got.stats.groups, got.stats.spans) == (4, 3, 4)
+    assert got.stats.commit_calls == 3 and got.stats.prefill_calls == 1
+    assert got.stats.finish_reason == "eos"
+    # steps_ratio 1: every group takes its longest span's length in steps
+    assert got.stats.denoise_calls == 2 + 3 + 2
+
+
+def test_dense_and_sparse_groups_differ(decoders):
+    """The two attention layouts give different answers on these plans (so both checks above bite)."""
+    outs = {
+        dense: [run(decoders("pd", 1), [p], [bias_table(script(len(p), r, t))], dense=dense)[0].token_ids
+                for p, (r, t) in zip(PROMPTS, PLANS)]
+        for dense in (False, True)
+    }
+    assert outs[False] != outs[True]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_pd_batch3_equals_reference(ref_run, decoders, dense):
+    tables = [bias_table(script(len(p), r, t)) for p, (r, t) in zip(PROMPTS, PLANS)]
+    got = run(decoders("pd", 3), PROMPTS, tables, dense=dense)
+    for prompt, table, result in zip(PROMPTS, tables, got):
+        want, calls = Reference(ref_run, table).pd(prompt, dense=dense)
+        assert result.token_ids == want
+        assert result.stats.model_calls == calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(alg="maskgit_plus", steps_ratio=0.5),
+        dict(alg="topk_margin", steps_ratio=0.34),
+        dict(alg="entropy", steps_ratio=0.75, dense=True),
+        dict(confidence_threshold=0.15, steps_ratio=0.5, length_scale=2),
+        dict(confidence_threshold=0.25, steps_ratio=0.8, length_scale=2),
+    ],
+)
+def test_pd_schedules_equal_reference(ref_run, decoders, options):
+    """Per-span unmask counts (every alg, several steps_ratios, the threshold variant) as METHOD §4."""
+    scale = options.get("length_scale", 1)
+    tables = [bias_table(script(len(p), r, t, scale)) for p, (r, t) in zip(PROMPTS, PLANS)]
+    got = run(decoders("pd", 3), PROMPTS, tables, **options)
+    ref_options = {k: v for k, v in options.items() if k != "confidence_threshold"}
+    for prompt, table, result in zip(PROMPTS, tables, got):
+        want, calls = Reference(ref_run, table).pd(
+            prompt, threshold=options.get("confidence_threshold"), **ref_options
+        )
+        assert result.token_ids == want
+        assert result.stats.model_calls == calls
+
+
+def _free_table(eos_at: int | None = None) -> np.ndarray:
+    return bias_table({} if eos_at is None else {eos_at: IDS.eos})
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_ar_equals_reference(ref_run, decoders, batch):
+    # the first prompt stops at a forced <|im_end|>, the others run into max_length
+    tables = [_free_table(12), _free_table(), _free_table(30)][:batch] if batch == 3 else [_free_table(12)]
+    prompts = PROMPTS[:batch]
+    got = run(decoders("ar", batch), prompts, tables)
+    for prompt, table, result in zip(prompts, tables, got):
+        want, calls = Reference(ref_run, table).ar(prompt)
+        assert result.token_ids == want
+        assert result.stats.model_calls == calls == result.stats.tokens_generated
+
+
+@pytest.mark.parametrize(("batch", "options"), [(1, {}), (3, {}), (3, dict(alg="topk_margin", steps_ratio=0.3)),
+                                                (3, dict(confidence_threshold=0.25, steps_ratio=0.25))])
+def test_diffusion_equals_reference(ref_run, decoders, batch, options):
+    prompts = PROMPTS[:batch]
+    tables = [_free_table() for _ in prompts]
+    got = run(decoders("diffusion", batch), prompts, tables, **options)
+    ref_options = {k: v for k, v in options.items() if k != "confidence_threshold"}
+    for prompt, table, result in zip(prompts, tables, got):
+        want, calls = Reference(ref_run, table).diffusion(
+            prompt, threshold=options.get("confidence_threshold"), **ref_options
+        )
+        assert result.token_ids == want
+        assert result.stats.model_calls == calls
