@@ -166,3 +166,9 @@ def test_flops_per_token_counts_every_matmul_weight():
     assert peak_flops(Device(), override_tflops=100.0) == 100e12
     Device.device_kind = "cpu"
     assert peak_flops(Device()) is None
+
+
+def test_yaml_on_off_reach_a_string_choice():
+    """YAML 1.1 reads `on` as true: `distributed=on` must still mean "on"."""
+    assert load_config(None, SOURCE + ["distributed=on"]).distributed == "on"
+    assert load_config(None, SOURCE + ["distributed=off"]).distributed == "off"

@@ -30,8 +30,8 @@ class Checkpointer:
         import grain.checkpoint  # noqa: F401  (registers grain's handler with orbax)
 
         self.directory = _absolute(directory)
+        self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps,
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
@@ -46,9 +46,17 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Start saving (asynchronously when enabled); False when this step is not a save step."""
+        """Start saving (asynchronously when enabled) if `step` is a multiple of ``every_steps`` or `force`.
+
+        Returns whether a save started. (The step count decides, not orbax's policy, which would
+        also save the first step of a run.)
+        """
         import grain.checkpoint
 
+        if not force and step % self.every_steps:
+            return False
+        if step in self.manager.all_steps():
+            return False
         args = ocp.args.Composite(
             **{
                 STATE: ocp.args.StandardSave(state),
@@ -56,7 +64,7 @@ class Checkpointer:
                 META: ocp.args.JsonSave(dict(meta)),
             }
         )
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of `step`; the state lands in `abstract_state`'s shardings, the iterator is set in place."""

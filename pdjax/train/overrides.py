@@ -181,6 +181,10 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads on/off/yes/no as booleans: map them back to the choice that was written
+            spelled = [a for a in (("on", "yes", "true") if value else ("off", "no", "false")) if a in args]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,7 +62,10 @@ def initialize_distributed(mode: str) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    jax.distributed.initialize()
+    # TPU slices, SLURM, Open MPI and Kubernetes are detected by jax itself; a plain launch can give
+    # JAX_COORDINATOR_ADDRESS plus JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    explicit = {k: int(os.environ[e]) for k, e in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if os.environ.get(e)}
+    jax.distributed.initialize(**explicit)
     return True
 
 
@@ -223,11 +227,13 @@ class Trainer:
         frozen = {"base": base} if lora_cfg is not None else {}
         if restoring:
             state, meta = checkpointer.restore(restore_step, abstract_state, data)
-            if report is not None and meta.get("data_fingerprint") not in (None, report.fingerprint):
-                raise ValueError(
-                    "the data differs from the checkpoint's (config, source or host count changed): "
-                    f"fingerprint {report.fingerprint} vs {meta.get('data_fingerprint')}"
-                )
+            if report is not None:
+                saved = (meta.get("data_fingerprints") or [None] * jax.process_count())[jax.process_index()]
+                if saved not in (None, report.fingerprint):
+                    raise ValueError(
+                        "the data differs from the checkpoint's (config, source or host count changed): "
+                        f"host {jax.process_index()} fingerprint {report.fingerprint} vs {saved}"
+                    )
             log(f"restored step {int(state.step)} from {checkpointer.directory}")
         else:
             key = jax.random.key(cfg.seed)
@@ -292,11 +298,21 @@ class Trainer:
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {
-            "config": config_dict(self.cfg),
-            "data_fingerprint": None if self.report is None else self.report.fingerprint,
-            "lora": self.cfg.lora.enabled,
-        }
+        """Run metadata saved with every checkpoint: the config and each host's data fingerprint."""
+        return {"config": config_dict(self.cfg), "data_fingerprints": self._fingerprints, "lora": self.cfg.lora.enabled}
+
+    @functools.cached_property
+    def _fingerprints(self) -> list[str] | None:
+        """Every host's data fingerprint, in process order (each host reads its own shard)."""
+        if self.report is None:
+            return None
+        if jax.process_count() == 1:
+            return [self.report.fingerprint]
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(self.report.fingerprint.encode("ascii"), np.uint8)  # bytes: no int64 without x64
+        everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+        return [row.astype(np.uint8).tobytes().decode("ascii") for row in everyone]
 
     def train(
         self,
