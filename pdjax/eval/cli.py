@@ -1,0 +1,242 @@
+"""`python -m pdjax.eval {generate,compare,assemble}`: AlpacaEval answers and the speed-quality table.
+
+    python -m pdjax.eval generate --mode pd --output pd.json [--model DIR] [--prompts alpaca_eval|FILE]
+    python -m pdjax.eval generate --mode ar --output ar.json --model DIR_AR
+    python -m pdjax.eval compare ar.json pd.json [--annotations annotations.json ...] [--reference ar.json]
+    python -m pdjax.eval assemble pd.json      # after a multi-host run whose part files were copied together
+
+Judge the outputs with alpaca_eval (``alpaca_eval evaluate --model_outputs pd.json``),
+then pass the annotations.json it writes to `compare` for win rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
+from pdjax.eval.prompts import PromptError
+from pdjax.eval.store import FormatError, SettingsMismatch
+
+# Mistakes in what the user asked for: reported in one line, exit status 2.
+USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError)
+
+# DecodeOptions field -> command-line flag (the released decoder's names where it has them)
+OPTION_FLAGS = {
+    "steps_ratio": "--steps_ratio",
+    "confidence_threshold": "--confidence_threshold",
+    "length_scale": "--length_scale",
+    "alg": "--alg",
+    "temperature": "--temperature",
+    "top_p": "--top_p",
+    "top_k": "--top_k",
+    "dense": "--disable_block_sparsity",
+    "seed": "--seed",
+}
+
+
+def _add_generate(sub: Any) -> None:
+    d = DecodeOptions()
+    g = sub.add_parser("generate", help="answer prompts into an alpaca_eval outputs file (resumable)")
+    g.add_argument("--output", required=True, help="outputs JSON; part files go to OUTPUT.parts/")
+    g.add_argument("--mode", choices=DECODE_MODES, default="pd")
+    g.add_argument("--model", default=None, help="HF folder (default: the shipped default model of --mode)")
+    g.add_argument("--prompts", default="alpaca_eval",
+                   help="'alpaca_eval' (the 805 prompts of HF tatsu-lab/alpaca_eval; needs network) or a local "
+                        "JSON/JSONL file of strings or objects with `instruction` (or `prompt`) and optional `dataset`")
+    g.add_argument("--num_samples", type=int, default=None, help="answer only the first N prompts")
+    g.add_argument("--generator", default=None, help="name in the outputs (default: from model, mode and knobs)")
+    g.add_argument("--overwrite", action="store_true", help="discard earlier answers in OUTPUT instead of resuming")
+    g.add_argument("--stop_after", type=int, default=None,
+                   help="stop after N new samples (a partial run: run again without it to finish)")
+    r = g.add_argument_group("decoding program")
+    r.add_argument("--max_length", type=int, default=2048, help="prompt + answer tokens")
+    r.add_argument("--max_new_tokens", type=int, default=None,
+                   help="instead of --max_length: exactly N answer tokens per prompt (Dream-style diffusion "
+                        "decodes N masks); compiles one program per distinct prompt length")
+    r.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (the paper: 1)")
+    r.add_argument("--max_spans", type=int, default=16)
+    r.add_argument("--buckets", default="", help="comma-separated window sizes (default: powers of two)")
+    r.add_argument("--attention_impl", default=None, help="xla, pallas_tpu, splash_dense (default: the model's)")
+    r.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: stored)")
+    k = g.add_argument_group("decoding knobs (METHOD §4)")
+    k.add_argument("--steps_ratio", type=float, default=d.steps_ratio)
+    k.add_argument("--confidence_threshold", type=float, default=d.confidence_threshold)
+    k.add_argument("--length_scale", type=float, default=d.length_scale)
+    k.add_argument("--alg", choices=ALGS, default=d.alg)
+    k.add_argument("--temperature", type=float, default=d.temperature)
+    k.add_argument("--top_p", type=float, default=d.top_p, help="1.0 turns it off")
+    k.add_argument("--top_k", type=int, default=d.top_k, help="0 turns it off")
+    k.add_argument("--disable_block_sparsity", action="store_true", help="dense groups (PD-DA)")
+    k.add_argument("--seed", type=int, default=d.seed)
+    c = g.add_argument_group("prompt format")
+    c.add_argument("--system_prompt", default=None, help="default: 'You are a helpful assistant.'; '' for none")
+    c.add_argument("--no_chat_template", action="store_true", help="tokenize the instruction as-is")
+    s = g.add_argument_group("sharding")
+    s.add_argument("--num_shards", type=int, default=None, help="default: the number of JAX processes")
+    s.add_argument("--shard_index", type=int, default=None, help="default: this JAX process's index")
+    s.add_argument("--devices", type=int, default=1,
+                   help="local devices to decode on in parallel, one parameter copy each (default 1)")
+
+
+def _add_compare(sub: Any) -> None:
+    c = sub.add_parser("compare", help="speed-quality table of two or more outputs files")
+    c.add_argument("outputs", nargs="+", help="outputs files (JSON list or JSONL)")
+    c.add_argument("--reference", default=None, help="the AR outputs file (default: the one with mode 'ar')")
+    c.add_argument("--annotations", nargs="*", default=[], help="alpaca_eval annotations.json file(s) for win rates")
+    c.add_argument("--json", default=None, help="also write the table as JSON to this path")
+
+
+def _add_assemble(sub: Any) -> None:
+    a = sub.add_parser("assemble", help="write OUTPUT from its part files (after a multi-host run)")
+    a.add_argument("output")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="python -m pdjax.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_compare(sub)
+    _add_assemble(sub)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> DecodeOptions:
+    """The DecodeOptions the flags name."""
+    return DecodeOptions(
+        steps_ratio=args.steps_ratio,
+        confidence_threshold=args.confidence_threshold,
+        length_scale=args.length_scale,
+        alg=args.alg,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k or None,
+        dense=args.disable_block_sparsity,
+        seed=args.seed,
+    )
+
+
+def default_generator(model_name: str, mode: str, options: DecodeOptions) -> str:
+    """A generator name that tells runs apart: model, mode, and the knobs of the diffusion part."""
+    name = "default" if model_name == mode else model_name
+    parts = [f"pdjax-{name}-{mode}"]
+    if mode != "ar":
+        parts.append(f"sr{options.steps_ratio:g}")
+        if options.confidence_threshold is not None:
+            parts.append(f"tau{options.confidence_threshold:g}")
+        if options.dense and mode == "pd":
+            parts.append("dense")
+    return "-".join(parts)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)  # logs and pipes get whole tables
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """The `generate` command."""
+    import jax
+
+    from pdjax.eval.generate import generate_outputs
+    from pdjax.eval.prompts import load_prompts
+    from pdjax.eval.report import speed_table, summarize_speed
+    from pdjax.eval.runner import Budget, default_model_path, load_eval_model
+
+    if (args.shard_index is None) != (args.num_shards is None):
+        raise SystemExit("--shard_index and --num_shards go together")
+    if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
+        raise SystemExit(f"--shard_index must be in [0, {args.num_shards})")
+    options = options_from_args(args)
+    model_path = args.model or default_model_path(args.mode)
+    buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
+    config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
+                          max_spans=args.max_spans, buckets=buckets)
+    budget = Budget(args.max_length, args.max_new_tokens)
+    prompts = load_prompts(args.prompts, args.num_samples)
+    model = load_eval_model(model_path, config, budget=budget, chat_template=not args.no_chat_template,
+                            system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl)
+    generator = args.generator or default_generator(model.name, args.mode, options)
+    devices = jax.local_devices()[: args.devices] if args.devices > 1 else None
+    console = _console()
+    settings = {"model": os.path.abspath(model_path), "prompt_source": args.prompts, "dtype": args.dtype,
+                "attention_impl": args.attention_impl}
+
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"{generator}", total=None)
+        report = generate_outputs(
+            model, prompts, args.output, options=options, generator=generator, settings=settings,
+            shard_index=args.shard_index, num_shards=args.num_shards, devices=devices,
+            stop_after=args.stop_after, overwrite=args.overwrite,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+    console.print(f"{report.written} new samples written; {report.already_done} of this shard's "
+                  f"{report.shard_size} were already finished")
+    a = report.assembly
+    if a is None:
+        console.print("process 0 assembles the output once every shard is finished")
+        return 0
+    if a.duplicates:
+        console.print(f"[yellow]{a.duplicates} duplicate records ignored (an index written twice)[/yellow]")
+    if a.missing:
+        console.print(f"{len(a.missing)} of {len(prompts)} samples still missing (first: {a.missing[:5]}): run the "
+                      f"same command again to continue (other shards' part files must be in {args.output}.parts/)")
+    else:
+        console.print(f"wrote {args.output} ({len(a.records)} samples)")
+    console.print(speed_table(f"{generator}: {len(a.records)} of {len(prompts)} samples",
+                              {generator: summarize_speed(a.records)}))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """The `compare` command."""
+    from pdjax.eval.report import compare, compare_table, read_annotations, rows_json
+    from pdjax.eval.store import read_outputs
+
+    if len(args.outputs) < 2:
+        raise SystemExit("compare needs two or more outputs files")
+    files = {path: read_outputs(path) for path in args.outputs}
+    annotations = read_annotations(args.annotations) if args.annotations else []
+    rows, reference, paired = compare(files, reference=args.reference, annotations=annotations)
+    _console().print(compare_table(rows, reference, paired))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"reference": reference, "paired": paired, "rows": rows_json(rows)}, f, indent=2)
+    return 0
+
+
+def run_assemble(args: argparse.Namespace) -> int:
+    """The `assemble` command."""
+    from pdjax.eval.report import speed_table, summarize_speed
+    from pdjax.eval.store import OutputStore
+
+    a = OutputStore.existing(args.output).assemble()
+    console = _console()
+    if a.missing:
+        console.print(f"{len(a.missing)} samples missing (first: {a.missing[:5]}); {args.output} not written")
+        return 1
+    console.print(f"wrote {args.output} ({len(a.records)} samples)")
+    gens = sorted({str(r.get("generator")) for r in a.records})
+    console.print(speed_table(args.output, {g: summarize_speed([r for r in a.records if str(r.get("generator")) == g])
+                                            for g in gens}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command."""
+    args = parser().parse_args(argv)
+    try:
+        return {"generate": run_generate, "compare": run_compare, "assemble": run_assemble}[args.command](args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,131 @@
+"""Answer a prompt list into an alpaca_eval outputs file: sharded over hosts and devices, resumable.
+
+Prompts are split first over processes (``shard_index`` of ``num_shards``,
+by default JAX's process index and count: each host takes every
+num_shards-th prompt), then the unfinished prompts of a process over its
+worker devices (one thread and one parameter copy per device; on one device,
+one worker). Every finished batch is appended to the worker's part file
+(`pdjax.eval.store`), so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from pdjax.decode import DecodeOptions
+from pdjax.eval.prompts import Prompt, prompts_fingerprint, shard_of
+from pdjax.eval.runner import EvalModel, Replica
+from pdjax.eval.store import Assembly, OutputStore
+
+
+def run_settings(model: EvalModel, prompts: Sequence[Prompt], options: DecodeOptions, generator: str,
+                 extra: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """Everything that fixes the answers and their latencies (a resumed run must match it)."""
+    c = model.config
+    return {
+        **dict(extra),
+        "generator": generator,
+        "mode": c.mode,
+        "options": dataclasses.asdict(options),
+        "max_length": model.budget.max_length if model.budget.max_new_tokens is None else None,
+        "max_new_tokens": model.budget.max_new_tokens,
+        "batch_size": c.batch_size,
+        "max_spans": c.max_spans,
+        "buckets": list(c.buckets),
+        "chat_template": model.chat_template,
+        "system_prompt": model.system_prompt,
+        "prompts": prompts_fingerprint(prompts),
+    }
+
+
+@dataclasses.dataclass
+class GenerateReport:
+    """What one call did: samples written now, samples found finished, and the assembly (process 0 only)."""
+
+    written: int
+    already_done: int
+    shard_size: int
+    assembly: Assembly | None
+
+
+def _default_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    if num_shards is None:
+        num_shards = jax.process_count()
+    if shard_index is None:
+        shard_index = jax.process_index() if num_shards == jax.process_count() else 0
+    return shard_index, num_shards
+
+
+def generate_outputs(model: EvalModel, prompts: Sequence[Prompt], output: str, *,
+                     options: DecodeOptions = DecodeOptions(), generator: str | None = None,
+                     settings: Mapping[str, Any] = (), shard_index: int | None = None,
+                     num_shards: int | None = None, devices: Sequence[Any] | None = None,
+                     stop_after: int | None = None, overwrite: bool = False,
+                     on_batch: Callable[[int], None] | None = None) -> GenerateReport:
+    """Decode this process's unfinished share of `prompts` and append the records under ``output + ".parts"``.
+
+    ``devices``: local devices to decode on in parallel (default: one worker on the default device).
+    ``stop_after``: stop once this many new samples are written (a partial run; run again to finish).
+    When every prompt is finished, process 0 writes `output` (after a barrier across processes).
+    """
+    generator = generator or model.name
+    store = OutputStore(output, run_settings(model, prompts, options, generator, settings), len(prompts),
+                        overwrite=overwrite)
+    shard_index, num_shards = _default_shard(shard_index, num_shards)
+    mine = shard_of(prompts, shard_index, num_shards)
+    done = store.finished()
+    todo = [p for p in mine if p.index not in done]
+    encoded = {p.index: model.encode(p.instruction) for p in todo}
+    lengths = {i: model.budget.for_prompt(len(ids)) for i, ids in encoded.items()}
+    for p in todo:  # refuse bad prompts before spending any device time
+        model.decoder(lengths[p.index]).check_prompt(encoded[p.index], p.index)
+
+    workers = list(devices) if devices else [None]
+    state = {"written": 0}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work(j: int) -> None:
+        share = todo[j::len(workers)]
+        replica = Replica(model, workers[j])
+        writer = store.writer(f"shard{shard_index:03d}-of{num_shards:03d}-worker{j:02d}")
+        share = sorted(share, key=lambda p: (lengths[p.index], p.index))  # a batch shares one max_length
+        b = model.config.batch_size
+        try:
+            start = 0
+            while start < len(share) and not stop.is_set():
+                batch = [p for p in share[start : start + b] if lengths[p.index] == lengths[share[start].index]]
+                start += len(batch)
+                records = replica.decode(batch, options, generator, [encoded[p.index] for p in batch])
+                kind = getattr(workers[j] or jax.devices()[0], "device_kind", "unknown")
+                writer.write([{**r, "device": kind} for r in records])
+                with lock:
+                    state["written"] += len(records)
+                    if stop_after is not None and state["written"] >= stop_after:
+                        stop.set()
+                if on_batch is not None:
+                    on_batch(len(records))
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            writer.close()
+
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        futures = [pool.submit(work, j) for j in range(len(workers))]
+        for f in futures:
+            f.result()
+
+    assembly = None
+    if jax.process_count() > 1:  # every host has written its share before process 0 assembles
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pdjax.eval.generate")
+    if jax.process_index() == 0:
+        assembly = store.assemble()
+    return GenerateReport(state["written"], len(mine) - len(todo), len(mine), assembly)

@@ -1,0 +1,244 @@
+"""pdjax.eval: outputs files from a tiny saved model, resume after an interruption, shards, and `compare`.
+
+A tiny random Dream model and a small BPE tokenizer (with the control tokens)
+are saved as a Hugging Face folder and decoded on 3 prompts from a local
+file. Records are checked against what the test recomputes from their token
+ids; `compare`'s ratios against means computed here with NumPy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pdjax.decode import DecodeConfig, DecodeOptions
+from pdjax.eval import (
+    Budget,
+    SettingsMismatch,
+    generate_outputs,
+    load_eval_model,
+    load_prompts,
+    read_outputs,
+    win_rate,
+)
+from pdjax.eval.cli import OPTION_FLAGS, main, options_from_args, parser
+from pdjax.model import DreamConfig, DreamModel, save_pretrained
+from pdjax.model.tokenizer import control_ids
+from pdjax.synthetic.tokenizer import train_tokenizer
+
+MAX_LENGTH = 32  # one window bucket (32) besides plan steps: a quick compile
+PROMPTS = [
+    {"instruction": "What is 12 plus 3?", "dataset": "toy"},
+    {"prompt": "Name a day of the week."},
+    "Hi",
+]
+ALPACA_FIELDS = ("instruction", "output", "generator", "dataset")
+GREEDY = DecodeOptions(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A saved tiny model folder (weights + tokenizer) and a JSONL prompts file."""
+    root = tmp_path_factory.mktemp("eval")
+    texts = ["<|im_start|>user\nWhat is 12 plus 3? Name a day of the week. Hi<|im_end|>\n"] * 4 + [
+        "<|im_start|>assistant\nThe sum is 15. Monday is a day. 0123456789<|im_end|>\n"
+    ] * 4
+    tokenizer = train_tokenizer(texts, vocab_size=300, min_frequency=1)
+    config = DreamConfig.tiny(vocab_size=len(tokenizer))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DreamModel(config, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(DreamModel(config, rngs=nnx.Rngs(0))))())  # one compile
+    save_pretrained(model, root / "model", tokenizer=tokenizer)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pd_model(files):
+    config = DecodeConfig(mode="pd", max_length=MAX_LENGTH)
+    return load_eval_model(str(files / "model"), config, budget=Budget(MAX_LENGTH), system_prompt="")
+
+
+@pytest.fixture(scope="module")
+def prompts(files):
+    return load_prompts(str(files / "prompts.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def pd_outputs(pd_model, prompts, files):
+    """An uninterrupted run: the reference the interrupted one must reproduce."""
+    out = str(files / "pd_full.json")
+    report = generate_outputs(pd_model, prompts, out, options=GREEDY, generator="tiny-pd")
+    assert report.written == 3 and report.assembly is not None and not report.assembly.missing
+    return out
+
+
+def clean_reference(token_ids: list[int], tokenizer) -> str:
+    """METHOD §4 step 6 written out here: cut at <|im_end|>, drop promises (whole), tags, [PAD], masks."""
+    ids = control_ids(tokenizer)
+    kept, in_promise = [], False
+    for t in token_ids:
+        if t == ids.eos:
+            break
+        if in_promise:
+            in_promise = t != ids.promise_end
+        elif t == ids.promise_start:
+            in_promise = True
+        elif t not in ids.control_set:
+            kept.append(t)
+    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def test_outputs_file_is_alpaca_eval_format_with_honest_stats(pd_outputs, pd_model):
+    rows = json.load(open(pd_outputs))
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert [r["instruction"] for r in rows] == ["What is 12 plus 3?", "Name a day of the week.", "Hi"]
+    assert [r["dataset"] for r in rows] == ["toy", "prompts", "prompts"]
+    ids = control_ids(pd_model.tokenizer)
+    for r in rows:
+        assert all(isinstance(r[k], str) for k in ALPACA_FIELDS) and r["generator"] == "tiny-pd"
+        toks = r["token_ids"]
+        assert r["output"] == clean_reference(toks, pd_model.tokenizer)
+        assert r["tokens"] == len(toks) and r["spans"] == toks.count(ids.async_start) == len(r["span_lengths"])
+        assert r["model_calls"] == r["prefill_calls"] + r["plan_calls"] + r["denoise_calls"] + r["commit_calls"]
+        assert r["prefill_calls"] == 1 and r["latency_s"] > 0 and r["batch_fill"] == 1
+        assert r["prompt_tokens"] == len(pd_model.encode(r["instruction"]))
+        assert r["prompt_tokens"] + r["tokens"] <= MAX_LENGTH
+        if r["finish_reason"] == "eos":
+            assert toks[-1] == ids.eos
+        if r["spans"] == 0:  # a plan-only answer: one call per token (the prefill gives the first)
+            assert r["model_calls"] == r["tokens"]
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(pd_model, prompts, pd_outputs, files):
+    out = str(files / "pd_resumed.json")
+    first = generate_outputs(pd_model, prompts, out, options=GREEDY, generator="tiny-pd", stop_after=1)
+    assert first.written == 1 and first.assembly.missing == [1, 2] and not os.path.exists(out)
+    (part,) = _parts(out)
+    # a crash in the middle of the next write leaves half a line behind
+    with open(part, "a") as f:
+        f.write('{"instruction": "Name a day of the week.", "output": "cut sh')
+
+    second = generate_outputs(pd_model, prompts, out, options=GREEDY, generator="tiny-pd")
+    assert (second.written, second.already_done) == (2, 1)
+    assert second.assembly.duplicates == 0 and not second.assembly.missing
+    lines = [json.loads(line) for p in _parts(out) for line in open(p)]
+    assert sorted(r["index"] for r in lines) == [0, 1, 2]  # the cut line is gone, nothing twice
+
+    resumed, full = json.load(open(out)), json.load(open(pd_outputs))
+    keys = ("instruction", "output", "token_ids", "model_calls")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+    again = generate_outputs(pd_model, prompts, out, options=GREEDY, generator="tiny-pd")
+    assert (again.written, again.already_done) == (0, 3) and len(json.load(open(out))) == 3
+
+
+def _parts(output: str) -> list[str]:
+    folder = output + ".parts"
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jsonl"))
+
+
+def test_shards_split_the_prompts_and_assemble_once_all_are_done(pd_model, prompts, pd_outputs, files):
+    out = str(files / "pd_sharded.json")
+    one = generate_outputs(pd_model, prompts, out, options=GREEDY, generator="tiny-pd", shard_index=1, num_shards=2)
+    assert one.written == 1 and one.assembly.missing == [0, 2]  # shard 1 of 2 holds prompt 1
+    zero = generate_outputs(pd_model, prompts, out, options=GREEDY, generator="tiny-pd", shard_index=0, num_shards=2)
+    assert zero.written == 2 and not zero.assembly.missing
+    assert [r["output"] for r in read_outputs(out)] == [r["output"] for r in read_outputs(pd_outputs)]
+
+
+def test_resume_refuses_other_settings(pd_model, prompts, pd_outputs):
+    with pytest.raises(SettingsMismatch, match="steps_ratio"):
+        generate_outputs(pd_model, prompts, pd_outputs, options=DecodeOptions(temperature=0.0, steps_ratio=0.5),
+                         generator="tiny-pd")
+
+
+def test_cli_generate_on_two_devices_then_compare(files, pd_outputs, capsys):
+    ar_out = str(files / "ar.json")
+    argv = ["generate", "--mode", "ar", "--model", str(files / "model"), "--prompts", str(files / "prompts.jsonl"),
+            "--output", ar_out, "--max_length", str(MAX_LENGTH), "--system_prompt", "",
+            "--temperature", "0", "--devices", "2"]
+    assert main(argv) == 0
+    rows = read_outputs(ar_out)
+    assert [r["index"] for r in rows] == [0, 1, 2] and {r["mode"] for r in rows} == {"ar"}
+    assert rows[0]["generator"] == "pdjax-model-ar"
+    assert len(_parts(ar_out)) == 2  # one part file per device worker
+    for r in rows:
+        assert r["model_calls"] == r["tokens"] and r["spans"] == 0  # AR: one call per token
+
+    table = str(files / "table.json")
+    assert main(["compare", pd_outputs, ar_out, "--json", table]) == 0
+    printed = capsys.readouterr().out
+    pd_rows = read_outputs(pd_outputs)
+    lat = {k: np.mean([r["latency_s"] for r in v]) for k, v in (("ar", rows), ("pd", pd_rows))}
+    calls = {k: np.mean([r["model_calls"] for r in v]) for k, v in (("ar", rows), ("pd", pd_rows))}
+    got = json.load(open(table))
+    assert got["reference"] == ar_out and got["paired"] == 3
+    pd_row = next(r for r in got["rows"] if r["path"] == pd_outputs)
+    assert math.isclose(pd_row["speedup"], lat["ar"] / lat["pd"], rel_tol=1e-9)
+    assert math.isclose(pd_row["critical_path_ratio"], calls["ar"] / calls["pd"], rel_tol=1e-9)
+    assert f"{calls['ar'] / calls['pd']:.2f}x" in printed and f"{lat['ar'] / lat['pd']:.2f}x" in printed
+
+
+def _write(path, rows) -> str:
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_compare_table_against_hand_numbers(tmp_path, capsys):
+    def rec(instruction, latency, calls, gen, mode):
+        return {"instruction": instruction, "output": "x", "generator": gen, "dataset": "d", "mode": mode,
+                "latency_s": latency, "model_calls": calls, "tokens": 10, "batch_fill": 1}
+
+    ar = _write(tmp_path / "ar.json", [rec("a", 2.0, 10, "AR", "ar"), rec("b", 4.0, 30, "AR", "ar"),
+                                       rec("only in ar", 100.0, 999, "AR", "ar")])
+    pd = _write(tmp_path / "pd.json", [rec("b", 1.0, 5, "PD", "pd"), rec("a", 1.0, 5, "PD", "pd")])
+    ref = _write(tmp_path / "gpt4.json", [{"instruction": "a", "output": "y", "generator": "gpt4"}])
+    ann = [{"instruction": i, "output_1": "r", "generator_1": "gpt4", "output_2": "o", "generator_2": "PD",
+            "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": p}
+           for i, p in zip("abcdef", [2.0, 1.0, 1.5, 1.8, None, 0])]
+    ann += [{"generator_2": "AR", "preference": 2.0}, {"generator_2": "AR", "preference": 1.0}]
+    annotations = _write(tmp_path / "annotations.json", ann)
+    assert main(["compare", ar, pd, ref, "--annotations", annotations, "--json", str(tmp_path / "t.json")]) == 0
+    printed = capsys.readouterr().out
+    # paired on a, b: AR latency mean 3, calls mean 20; PD 1 and 5 -> 3.00x and 4.00x
+    assert "3.00x" in printed and "4.00x" in printed
+    # PD preferences 2, 1, 1.5, 1.8, (None dropped), 0 -> 1.5: mean of 1, 0, .5, .8, .5 = 0.56
+    p = np.array([1.0, 0.0, 0.5, 0.8, 0.5])
+    se = p.std(ddof=1) / np.sqrt(5) * 100
+    assert f"56.0 ± {se:.1f}" in printed and "50.0 ± 50.0" in printed
+    rows = {r["generator"]: r for r in json.load(open(tmp_path / "t.json"))["rows"]}
+    assert rows["PD"]["win"]["n_wins"] == 2 and rows["PD"]["win"]["n_draws"] == 2 and rows["PD"]["win"]["n_total"] == 5
+    assert rows["gpt4"]["speedup"] is None and rows["AR"]["speedup"] == 1.0
+
+
+def test_win_rate_matches_alpaca_eval_rules():
+    w = win_rate([2.0, 2.0, 1.0, 1.5, float("nan"), 7, "x"])
+    assert (w.n_total, w.n_wins, w.n_losses, w.n_draws) == (4, 2, 1, 1)
+    assert math.isclose(w.win_rate, 62.5)
+    assert win_rate([None]) is None
+
+
+def test_prompts_from_json_list_and_errors(tmp_path):
+    path = _write(tmp_path / "p.json", [{"instruction": "a", "dataset": "koala"}, "b", {"prompt": "c"}])
+    got = load_prompts(path, num_samples=2)
+    assert [(p.index, p.instruction, p.dataset) for p in got] == [(0, "a", "koala"), (1, "b", "p")]
+    bad = _write(tmp_path / "bad.json", [{"text": "a"}])
+    assert main(["generate", "--prompts", bad, "--output", str(tmp_path / "o.json")]) == 2
+
+
+def test_every_decode_option_has_a_flag():
+    fields = set(DecodeOptions.__dataclass_fields__)
+    assert set(OPTION_FLAGS) == fields
+    argv = ["generate", "--output", "o.json", "--steps_ratio", "0.5", "--confidence_threshold", "0.7",
+            "--length_scale", "8", "--alg", "topk_margin", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "5",
+            "--disable_block_sparsity", "--seed", "3"]
+    assert options_from_args(parser().parse_args(argv)) == DecodeOptions(
+        steps_ratio=0.5, confidence_threshold=0.7, length_scale=8.0, alg="topk_margin", temperature=0.7, top_p=0.9,
+        top_k=5, dense=True, seed=3)
