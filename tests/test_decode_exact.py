@@ -321,7 +321,9 @@ def decoders(forward):
 
     def get(mode: str, batch: int) -> Decoder:
         if (mode, batch) not in _decoders:
-            cfg = DecodeConfig(mode=mode, max_length=MAX_LEN, batch_size=batch, buckets=(16,))
+            # two window buckets where the no-recompilation test needs them, one elsewhere (compile time)
+            buckets = (16,) if (mode, batch) == ("pd", 1) else (MAX_LEN,)
+            cfg = DecodeConfig(mode=mode, max_length=MAX_LEN, batch_size=batch, buckets=buckets)
             _decoders[mode, batch] = Decoder(biased(forward, batch), eos_id=IDS.eos, ids=IDS, config=cfg)
         return _decoders[mode, batch]
 
@@ -436,3 +438,102 @@ def test_diffusion_equals_reference(ref_run, decoders, batch, options):
         )
         assert result.token_ids == want
         assert result.stats.model_calls == calls
+
+
+# ---- structure: budget, no recompilation, grammar, batch independence, bad input ----------
+
+
+def test_promise_longer_than_the_budget_is_shortened(ref_run, decoders):
+    """Spans keep their promised length in promise order while the budget lasts (documented rule)."""
+    prompt = [100, 101, 102]
+    rounds = [([(0, 9), (0, 9)], "eos")]  # 2 x 18 masks at length_scale 2; only 30 slots remain
+    table = bias_table(script(len(prompt), rounds, None, 2))
+    got = run(decoders("pd", 1), [prompt], [table], length_scale=2)[0]
+    want, calls = Reference(ref_run, table).pd(prompt, length_scale=2)
+    assert got.token_ids == want and got.stats.model_calls == calls
+    assert got.stats.span_lengths == [18, 12]
+    assert len(prompt) + len(got.token_ids) == MAX_LEN and got.token_ids[-1] == IDS.eos
+    assert got.stats.finish_reason == "eos"
+    parse_response(prompt + got.token_ids, IDS, len(prompt))
+
+
+def test_group_whose_tags_do_not_fit_stops_after_the_plan(ref_run, decoders):
+    prompt = [100, 101, 102]
+    rounds = [([(0, 9)], "sync"), ([(0, 1), (0, 1)], "eos")]  # the second group has no room for its tags
+    table = bias_table(script(len(prompt), rounds, None, 3))
+    got = run(decoders("pd", 1), [prompt], [table], length_scale=3)[0]
+    want, calls = Reference(ref_run, table).pd(prompt, length_scale=3)
+    assert got.token_ids == want and got.stats.model_calls == calls
+    assert got.stats.span_lengths == [27] and got.stats.finish_reason == "length"
+    assert got.token_ids[-1] == IDS.promise_end  # the plan is kept, no group is laid out
+    parse_response(prompt + got.token_ids, IDS, len(prompt), allow_truncated=True)
+
+
+def test_no_recompilation_across_prompt_lengths(decoders):
+    decoder = decoders("pd", 1)
+    rounds, tail = PLANS[2]
+    run(decoder, [[100, 101]], [bias_table(script(2, rounds, tail))])  # warm-up
+    before = decoder.compiled_programs()
+    compiles = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        lengths = [1, 2, 4, 7, 9, 12, 15, 17, 20, 26]  # prefill windows 16 and 44 both serve
+        for n in lengths:
+            prompt = list(range(100, 100 + n))
+            result = run(decoder, [prompt], [bias_table(script(n, [([(0, 1)], "sync")], 2))])[0]
+            assert result.stats.spans == 1 and result.stats.finish_reason == "eos"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert decoder.compiled_programs() == before == 1
+    assert compiles == []
+
+
+def test_unscripted_plans_always_parse(decoders):
+    """The plan grammar keeps sampled plans well-formed, whatever a random model proposes."""
+    boost = np.zeros((3, MAX_LEN + 1, V), np.float32)
+    boost[:, :, [IDS.promise_start, IDS.promise_end, IDS.sync]] = 6.0  # frequent plans
+    boost[:, :, DIGITS] = 1.0
+    decoder = decoders("pd", 3)
+    params = (decoder.forward.params[0], boost)
+    spans = 0
+    for seed in range(4):
+        options = DecodeOptions(temperature=1.0, top_p=None, length_scale=1, seed=seed)
+        for prompt, result in zip(PROMPTS, decoder.generate(PROMPTS, options, params=params)):
+            tokens = prompt + result.token_ids
+            if result.stats.finish_reason == "length" and IDS.promise_start in tokens:
+                last = len(tokens) - 1 - tokens[::-1].index(IDS.promise_start)
+                if IDS.promise_end not in tokens[last:]:  # the budget ran out inside a promise
+                    tokens = tokens[:last]
+            resp = parse_response(tokens, IDS, len(prompt), allow_truncated=True)
+            assert len(resp.spans) == result.stats.spans
+            spans += result.stats.spans
+    assert spans > 0
+
+
+def test_sampled_results_do_not_depend_on_the_batch(decoders):
+    tables = [bias_table(script(len(p), r, t)) for p, (r, t) in zip(PROMPTS, PLANS)]
+    options = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    batch = run(decoders("pd", 3), PROMPTS, tables, **options)
+    alone = run(decoders("pd", 1), PROMPTS[1:2], tables[1:2], **options)[0]
+    assert batch[1].token_ids == alone.token_ids
+    other_seed = run(decoders("pd", 1), PROMPTS[1:2], tables[1:2], **{**options, "seed": 8})[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_bad_input_is_a_clear_error(forward, decoders):
+    decoder = decoders("pd", 1)
+    with pytest.raises(DecodeInputError, match="empty"):
+        decoder.generate([[]])
+    with pytest.raises(DecodeInputError, match="max_length 44"):
+        decoder.generate([list(range(100, 100 + MAX_LEN))])
+    with pytest.raises(DecodeInputError, match="outside the vocabulary"):
+        decoder.generate([[V + 5]])
+    with pytest.raises(DecodeInputError, match="control token ids"):
+        Decoder(forward, eos_id=IDS.eos, ids=None, config=DecodeConfig(mode="pd", max_length=MAX_LEN))
+    with pytest.raises(ValueError, match="unknown alg"):
+        DecodeOptions(alg="origin")
