@@ -232,3 +232,9 @@ def test_export_of_a_checkpointed_step_loads_back(workdir, straight, stopped):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(loaded)[0], jax.tree.leaves(params_25)):
         np.testing.assert_array_equal(a, b, err_msg=str(path))
     assert ControlIds.from_tokenizer(tokenizer()).mask < model.config.vocab_size
+
+
+def test_a_fresh_run_refuses_a_used_checkpoint_dir(straight):
+    cfg, _, _, _, _ = straight
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer.create(cfg, tokenizer=tokenizer(), devices=jax.devices()[:1], log=None)

@@ -192,6 +192,13 @@ class Trainer:
             )
         if restore_step is None and resume and checkpointer is not None:
             restore_step = checkpointer.latest_step()
+            if restore_step is None:
+                log(f"no checkpoint in {checkpointer.directory} yet: starting at step 0")
+        elif restore_step is None and checkpointer is not None and checkpointer.latest_step() is not None:
+            raise ValueError(
+                f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.all_steps()}); "
+                "resume with --resume (resume=True) or point checkpoint.dir somewhere new"
+            )
         restoring = restore_step is not None
         if restoring and checkpointer is None:
             raise ValueError("restoring needs checkpoint.dir")
