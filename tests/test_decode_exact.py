@@ -11,7 +11,6 @@ every span token, so a wrong cache entry or mask changes the output.
 
 from __future__ import annotations
 
-import time
 from fractions import Fraction
 
 import jax
@@ -23,7 +22,6 @@ from flax import nnx
 from pdjax.decode import DecodeConfig, DecodeInputError, DecodeOptions, Decoder, Forward, model_forward
 from pdjax.model import DreamConfig, DreamModel
 from pdjax.structure import (
-    NEVER,
     Segments,
     padding_segments,
     parse_response,
@@ -233,8 +231,10 @@ class Reference:
 
     # the three modes -----------------------------------------------------------------------
 
-    def pd(self, prompt, *, dense=False, steps_ratio=1.0, alg="entropy", threshold=None, length_scale=1):
+    def pd(self, prompt, *, dense=False, steps_ratio=1.0, alg="entropy", threshold=None, length_scale=1,
+           max_new_tokens=None):
         seq, plen = list(prompt), len(prompt)
+        limit = min(MAX_LEN, plen + (max_new_tokens or MAX_LEN))
         round_start = plen
         calls = 1  # the prefill gives the first token
         banned = sorted(set(CONTROLS) - {IDS.pad})
@@ -245,14 +245,14 @@ class Reference:
             tok = int(np.argmax(np.where(allowed, logits, -np.inf)))
             if tok not in (IDS.sync, IDS.eos):
                 seq.append(tok)
-                if len(seq) >= MAX_LEN:
+                if len(seq) >= limit:
                     return seq[plen:], calls
                 calls += 1
                 continue
             promises = parse_response(seq, IDS, round_start, allow_truncated=True).rounds[-1].promises
             if not promises:
                 return seq[plen:] + [tok], calls
-            lengths = clip_lengths([p.number * length_scale for p in promises], len(seq), MAX_LEN)
+            lengths = clip_lengths([p.number * length_scale for p in promises], len(seq), limit)
             if lengths is None:
                 return seq[plen:], calls
             spans = []
@@ -263,7 +263,7 @@ class Reference:
             steps = max(1, int(max(lengths) * steps_ratio)) if max(lengths) else 0
             calls += self.denoise(seq, spans, seg_of, steps, alg, threshold, banned)
             seq.append(tok)
-            if tok == IDS.eos or len(seq) >= MAX_LEN:
+            if tok == IDS.eos or len(seq) >= limit:
                 return seq[plen:], calls
             round_start = len(seq)
             calls += 1  # the commit gives the next plan token
@@ -276,14 +276,14 @@ class Reference:
             if tok == IDS.eos or len(seq) >= MAX_LEN:
                 return seq[plen:], len(seq) - plen
 
-    def diffusion(self, prompt, *, steps_ratio=1.0, alg="entropy", threshold=None):
+    def diffusion(self, prompt, *, steps_ratio=1.0, alg="entropy", threshold=None, max_new_tokens=None):
         plen = len(prompt)
-        n = MAX_LEN - plen
+        n = min(MAX_LEN - plen, max_new_tokens or MAX_LEN)
         seq = list(prompt) + [IDS.mask] * n
         steps = max(1, int(n * steps_ratio))
         banned = sorted(set(CONTROLS) - {IDS.eos})
         seg_of = lambda s: self.diffusion_segments(s, plen)  # noqa: E731
-        calls = 1 + self.denoise(seq, [list(range(plen, MAX_LEN))], seg_of, steps, alg, threshold, banned)
+        calls = 1 + self.denoise(seq, [list(range(plen, plen + n))], seg_of, steps, alg, threshold, banned)
         answer = seq[plen:]
         if IDS.eos in answer:
             answer = answer[: answer.index(IDS.eos) + 1]
@@ -430,7 +430,8 @@ def test_ar_equals_reference(ref_run, decoders, batch):
 
 
 @pytest.mark.parametrize(("batch", "options"), [(1, {}), (3, {}), (3, dict(alg="topk_margin", steps_ratio=0.3)),
-                                                (3, dict(confidence_threshold=0.25, steps_ratio=0.25))])
+                                                (3, dict(confidence_threshold=0.25, steps_ratio=0.25)),
+                                                (3, dict(max_new_tokens=17, steps_ratio=0.5))])
 def test_diffusion_equals_reference(ref_run, decoders, batch, options):
     prompts = PROMPTS[:batch]
     tables = [_free_table() for _ in prompts]
@@ -459,6 +460,17 @@ def test_promise_longer_than_the_budget_is_shortened(ref_run, decoders):
     assert len(prompt) + len(got.token_ids) == MAX_LEN and got.token_ids[-1] == IDS.eos
     assert got.stats.finish_reason == "eos"
     parse_response(prompt + got.token_ids, IDS, len(prompt))
+
+
+def test_max_new_tokens_is_the_budget(ref_run, decoders):
+    prompt = [100, 101, 102]
+    rounds = [([(0, 9), (0, 9)], "eos")]
+    table = bias_table(script(len(prompt), rounds, None, 2))
+    got = run(decoders("pd", 1), [prompt], [table], length_scale=2, max_new_tokens=25)[0]
+    want, calls = Reference(ref_run, table).pd(prompt, length_scale=2, max_new_tokens=25)
+    assert got.token_ids == want and got.stats.model_calls == calls
+    # limit 3 + 25 = 28; the closer at 9, 4 tags and the closer leave 14 masks, all for the first promise
+    assert len(got.token_ids) == 25 and got.stats.span_lengths == [14, 0]
 
 
 def test_group_whose_tags_do_not_fit_stops_after_the_plan(ref_run, decoders):
@@ -541,3 +553,14 @@ def test_bad_input_is_a_clear_error(forward, decoders):
         Decoder(forward, eos_id=IDS.eos, ids=None, config=DecodeConfig(mode="pd", max_length=MAX_LEN))
     with pytest.raises(ValueError, match="unknown alg"):
         DecodeOptions(alg="origin")
+
+
+def test_profiling_times_each_kind_of_call(decoders, forward):
+    """Opt-in host callbacks: phase times that add up to at most the wall time (ar: prefill and plan)."""
+    config = DecodeConfig(mode="ar", max_length=MAX_LEN, buckets=(MAX_LEN,), profile=True)
+    decoder = Decoder(biased(forward, 1), eos_id=IDS.eos, ids=None, config=config)
+    result = run(decoder, [PROMPTS[0]], [_free_table(20)])[0]
+    times = result.stats.phase_time_s
+    assert times["prefill"] > 0 and times["plan"] > 0 and times["denoise"] == times["commit"] == 0
+    assert sum(times.values()) <= result.stats.wall_time_s
+    assert result.stats.model_calls == 18 == len(result.token_ids) and result.token_ids[-1] == IDS.eos  # eos at 20

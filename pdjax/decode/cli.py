@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt + response tokens. A promise whose span does not fit is shortened to the room "
                      "left (spans keep their length in promise order while it lasts); if not even its tags fit, "
                      "the answer stops after the plan (default: 2048)")
+    dec.add_argument("--max_new_tokens", type=int, default=None,
+                     help="response budget below max_length; in mode diffusion, the number of masks "
+                     "(default: max_length - prompt)")
     dec.add_argument("--steps_ratio", type=float, default=1.0,
                      help="denoising steps per group = int(longest span * steps_ratio), at least 1 (default: 1.0)")
     dec.add_argument("--confidence_threshold", type=float, default=None,
@@ -232,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
             steps_ratio=args.steps_ratio, confidence_threshold=args.confidence_threshold,
             length_scale=args.length_scale, alg=args.alg, temperature=args.temperature,
             top_p=None if args.top_p is None or args.top_p >= 1 else args.top_p, top_k=args.top_k,
-            dense=args.disable_block_sparsity, seed=args.seed,
+            dense=args.disable_block_sparsity, seed=args.seed, max_new_tokens=args.max_new_tokens,
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -34,9 +34,9 @@ plan handling: it needs only the eos id) and ``diffusion`` (Dream's diffusion:
 prompt token, steps = ``int(masks * steps_ratio)``, one global top-k per step;
 the prompt before the anchor is cached). All three share the sampling code.
 
-Budget (``max_length`` counts prompt + response): a plan that reaches it stops
-(finish "length"); a group that does not fit is shortened (see
-`pdjax.decode.layout`).
+Budget: ``max_length`` counts prompt + response (``max_new_tokens`` may cap a
+response further, per run). A plan that reaches the budget stops (finish
+"length"); a group that does not fit is shortened (see `pdjax.decode.layout`).
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class DecodeOptions:
     ``confidence_threshold`` (None: off) switches to the threshold variant, which ranks by
     the sampled token's probability (the released ``pd_confidence_threshold``; ``alg`` is
     then unused). ``dense`` is PD-DA (``--disable_block_sparsity``): one block per group.
+    ``max_new_tokens`` caps each response below ``max_length`` (in diffusion mode: exactly that
+    many masks, prompt length permitting) without recompiling.
     """
 
     steps_ratio: float = 1.0
@@ -117,8 +119,11 @@ class DecodeOptions:
     top_k: int | None = None
     dense: bool = False
     seed: int = 0
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
         SamplingParams.make(self.temperature, self.top_p, self.top_k, self.alg)  # validates
@@ -135,6 +140,7 @@ class Knobs(NamedTuple):
     steps: jax.Array  # [max_length + 1] int32: steps_table
     lengths: jax.Array  # [100] int32: length_table
     key: jax.Array  # typed PRNG key
+    max_new: jax.Array  # int32: response budget per request (max_length when off)
 
 
 def make_knobs(options: DecodeOptions, max_length: int) -> Knobs:
@@ -146,6 +152,7 @@ def make_knobs(options: DecodeOptions, max_length: int) -> Knobs:
         jnp.asarray(sch.steps_table(max_length, options.steps_ratio)),
         jnp.asarray(lay.length_table(options.length_scale)),
         jax.random.key(options.seed),
+        jnp.int32(max_length if options.max_new_tokens is None else options.max_new_tokens),
     )
 
 
@@ -154,6 +161,7 @@ class Rows(NamedTuple):
 
     tokens: jax.Array  # [B, S] token at each position (slot S-1 is scratch)
     prompt_len: jax.Array
+    limit: jax.Array  # prompt + response budget: min(max_length, prompt + max_new_tokens)
     n: jax.Array  # response end: the next free position
     phase: jax.Array
     finish: jax.Array
@@ -355,7 +363,7 @@ class _Program:
         """One example appends an ordinary AR token at row.n."""
         c, pos = self.s.config, row.n
         is_eos = token == self.s.eos
-        full = pos + 1 >= c.max_length
+        full = pos + 1 >= row.limit
         row = row._replace(
             tokens=row.tokens.at[pos].set(token),
             n=pos + 1,
@@ -381,10 +389,10 @@ class _Program:
 
     def _layout(self, row: Rows, closer: jax.Array, knobs: Knobs) -> Rows:
         """The round ended with `closer` at row.n: parse its promises and lay out the group."""
-        c, ids = self.s.config, self.s.ids
+        ids = self.s.ids
         q = row.n
         numbers, count = lay.parse_promises(row.tokens, row.round_start, q, ids, self.digit_value, self.k)
-        group = lay.plan_group(knobs.lengths[numbers], count, q, c.max_length)
+        group = lay.plan_group(knobs.lengths[numbers], count, q, row.limit)
         rounds = row.rounds + 1
         # a round without promises is plain text: its closer (<|im_end|> under the grammar) ends the response
         plain = row._replace(
@@ -418,12 +426,12 @@ class _Program:
         c = self.s.config
         if c.mode == "diffusion":
             pos = jnp.arange(row.tokens.shape[0])
-            answer = (pos >= row.prompt_len) & (pos < c.max_length)
+            answer = (pos >= row.prompt_len) & (pos < row.limit)
             finish = jnp.where(jnp.any(answer & (row.tokens == self.s.eos)), FINISHED_EOS, FINISHED_LENGTH)
             phase = DONE
         else:
             is_sync = row.closer == self.s.ids.sync
-            room = row.group_start + row.size + 1 < c.max_length  # a next plan token fits after the sync
+            room = row.group_start + row.size + 1 < row.limit  # a next plan token fits after the sync
             phase = jnp.where(is_sync & room, COMMIT, DONE)
             finish = jnp.where(is_sync, jnp.where(room, RUNNING, FINISHED_LENGTH), FINISHED_EOS)
         return row._replace(
@@ -431,15 +439,14 @@ class _Program:
         )
 
     def _layout_diffusion(self, row: Rows, knobs: Knobs) -> Rows:
-        """Dream diffusion: masks from the prompt end to max_length, one block with the anchor."""
-        c = self.s.config
+        """Dream diffusion: masks from the prompt end to the row's limit, one block with the anchor."""
         p = row.prompt_len
-        masks = c.max_length - p
+        masks = row.limit - p
         pos = jnp.arange(row.tokens.shape[0])
         offset = jnp.full((self.k + 1,), masks + 1, jnp.int32).at[0].set(0)
         return row._replace(
-            tokens=jnp.where((pos >= p) & (pos < c.max_length), self.s.ids.mask, row.tokens),
-            n=jnp.int32(c.max_length), group_start=p - 1, offset=offset, count=jnp.int32(1), size=masks + 1,
+            tokens=jnp.where((pos >= p) & (pos < row.limit), self.s.ids.mask, row.tokens),
+            n=row.limit, group_start=p - 1, offset=offset, count=jnp.int32(1), size=masks + 1,
             block_base=jnp.int32(1), next_block=jnp.int32(2), step=jnp.int32(0), steps=knobs.steps[masks],
             phase=jnp.int32(DENOISE), finish=jnp.int32(RUNNING), groups=jnp.int32(1),
         )
@@ -528,7 +535,8 @@ class _Program:
         b, k = c.batch_size, self.k
         zeros = jnp.zeros((b,), jnp.int32)
         rows = Rows(
-            tokens=prompt_tokens, prompt_len=prompt_len, n=prompt_len,
+            tokens=prompt_tokens, prompt_len=prompt_len, limit=jnp.minimum(c.max_length, prompt_len + knobs.max_new),
+            n=prompt_len,
             phase=jnp.where(prompt_len > 0, PREFILL, DONE).astype(jnp.int32), finish=zeros, round_start=prompt_len,
             grammar=jax.tree.map(lambda x: jnp.broadcast_to(x, (b,)), lay.Grammar.fresh()),
             group_start=zeros, offset=jnp.zeros((b, k + 1), jnp.int32), count=zeros, size=zeros,

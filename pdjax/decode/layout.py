@@ -148,7 +148,7 @@ class Group(NamedTuple):
     fits: jax.Array  # False: not even the tags and the closer fit; nothing is laid out
 
 
-def plan_group(lengths: jax.Array, count: jax.Array, start: jax.Array, max_length: int) -> Group:
+def plan_group(lengths: jax.Array, count: jax.Array, start: jax.Array, max_length: jax.Array | int) -> Group:
     """Lay out `count` spans with promised mask `lengths` from position `start`, shortened to fit the budget.
 
     The budget leaves room for the round's closer: the group ends at most at max_length - 1.
