@@ -11,9 +11,10 @@ the decoder), AR / PD and AR / diffusion, and each one's fact accuracy; all of
 it measured in this one run.
 
 Decoding: greedy (temperature 0, no top-p) unless flags say otherwise; pd and
-ar with max_length 256; diffusion with exactly 64 masks per prompt (the
-diffusion baseline is trained on answers filled with <|im_end|> to 64 tokens),
-so it compiles one program per distinct prompt length.
+ar with max_length 256; diffusion with exactly 64 masks per prompt
+(``max_new_tokens``: the diffusion baseline is trained on answers filled with
+<|im_end|> to 64 tokens). Calls are each answer's own, so batching (16 prompts
+per decoder call) does not change them.
 
     python benchmarks/critical_path.py [--models pdjax/assets/default_model] [--num_prompts N] [--json out.json]
 """
@@ -73,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="folder with pd/, ar/, diffusion/ (default: the shipped ones)")
     p.add_argument("--heldout", default=None, help="held-out JSONL (default: heldout.jsonl of the pd model)")
     p.add_argument("--num_prompts", type=int, default=None, help="the first N held-out prompts (default: all)")
-    p.add_argument("--batch_size", type=int, default=16, help="pd and ar batch size (calls are counted per answer)")
-    p.add_argument("--diffusion_batch_size", type=int, default=4, help="diffusion batches share one prompt length")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts decoded together (calls are counted per answer)")
     p.add_argument("--max_length", type=int, default=MAX_LENGTH)
     p.add_argument("--diffusion_new_tokens", type=int, default=DIFFUSION_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     from pdjax.decode import DecodeConfig, DecodeOptions
-    from pdjax.eval import Budget, load_eval_model, prompts_from_rows, default_model_path
+    from pdjax.eval import default_model_path, load_eval_model, prompts_from_rows
 
     root = args.models or os.path.dirname(default_model_path("pd"))
     paths = {mode: os.path.join(root, mode) for mode in ("pd", "ar", "diffusion")}
@@ -97,29 +97,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = prompts_from_rows([r["prompt"] for r in rows], "heldout")
     top_p = args.top_p if args.top_p is not None else (None if args.temperature == 0 else 0.95)
 
-    def options(steps_ratio: float = 1.0, threshold: float | None = None) -> DecodeOptions:
+    def options(mode: str, steps_ratio: float = 1.0, threshold: float | None = None) -> DecodeOptions:
+        new = args.diffusion_new_tokens if mode == "diffusion" else None
         return DecodeOptions(steps_ratio=steps_ratio, confidence_threshold=threshold, temperature=args.temperature,
-                             top_p=top_p, seed=args.seed)
+                             top_p=top_p, seed=args.seed, max_new_tokens=new)
 
     start = time.perf_counter()
     models = {
-        mode: load_eval_model(
-            paths[mode],
-            DecodeConfig(mode=mode, max_length=args.max_length,
-                         batch_size=args.diffusion_batch_size if mode == "diffusion" else args.batch_size),
-            budget=Budget(args.max_length, args.diffusion_new_tokens if mode == "diffusion" else None),
-            dtype="float32",
-        )
+        mode: load_eval_model(paths[mode], DecodeConfig(mode=mode, max_length=args.max_length,
+                                                         batch_size=args.batch_size), dtype="float32")
         for mode in paths
     }
-    ar = score(models["ar"], prompts, rows, options())
+    ar = score(models["ar"], prompts, rows, options("ar"))
     results = []
     for ratio in STEPS_RATIOS:
         for tau in THRESHOLDS:
-            opts = options(ratio, tau)
             results.append({"steps_ratio": ratio, "confidence_threshold": tau,
-                            "pd": score(models["pd"], prompts, rows, opts),
-                            "diffusion": score(models["diffusion"], prompts, rows, opts)})
+                            "pd": score(models["pd"], prompts, rows, options("pd", ratio, tau)),
+                            "diffusion": score(models["diffusion"], prompts, rows, options("diffusion", ratio, tau))})
     wall = time.perf_counter() - start
 
     t = Table(title=f"critical path and fact accuracy: {len(rows)} held-out prompts, default models "

@@ -19,7 +19,6 @@ from flax import nnx
 
 from pdjax.decode import DecodeConfig, DecodeOptions
 from pdjax.eval import (
-    Budget,
     SettingsMismatch,
     generate_outputs,
     load_eval_model,
@@ -62,7 +61,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pd_model(files):
     config = DecodeConfig(mode="pd", max_length=MAX_LENGTH)
-    return load_eval_model(str(files / "model"), config, budget=Budget(MAX_LENGTH), system_prompt="")
+    return load_eval_model(str(files / "model"), config, system_prompt="")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +237,20 @@ def test_every_decode_option_has_a_flag():
     assert set(OPTION_FLAGS) == fields
     argv = ["generate", "--output", "o.json", "--steps_ratio", "0.5", "--confidence_threshold", "0.7",
             "--length_scale", "8", "--alg", "topk_margin", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "5",
-            "--disable_block_sparsity", "--seed", "3"]
+            "--disable_block_sparsity", "--seed", "3", "--max_new_tokens", "64"]
     assert options_from_args(parser().parse_args(argv)) == DecodeOptions(
         steps_ratio=0.5, confidence_threshold=0.7, length_scale=8.0, alg="topk_margin", temperature=0.7, top_p=0.9,
-        top_k=5, dense=True, seed=3)
+        top_k=5, dense=True, seed=3, max_new_tokens=64)
+
+
+def test_diffusion_refuses_prompts_with_no_room_for_its_masks(pd_model, prompts, files):
+    from pdjax.decode import DecodeInputError
+    from pdjax.eval import EvalModel
+
+    diffusion = EvalModel(pd_model.model, pd_model.tokenizer, DecodeConfig(mode="diffusion", max_length=MAX_LENGTH),
+                          system_prompt="")
+    longest = max(len(diffusion.encode(p.instruction)) for p in prompts)
+    options = DecodeOptions(temperature=0.0, max_new_tokens=MAX_LENGTH - longest + 1)
+    with pytest.raises(DecodeInputError, match=f"max_length >= {MAX_LENGTH + 1}"):
+        generate_outputs(diffusion, prompts, str(files / "diffusion.json"), options=options)
+    assert not any(f.endswith(".jsonl") for f in os.listdir(files / "diffusion.json.parts"))

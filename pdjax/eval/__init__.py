@@ -12,13 +12,12 @@ from pdjax.eval.report import (
     win_rate,
     win_rates_by_generator,
 )
-from pdjax.eval.runner import Budget, EvalModel, Replica, decode_prompts, default_model_path, load_eval_model
+from pdjax.eval.runner import EvalModel, Replica, decode_prompts, default_model_path, load_eval_model
 from pdjax.eval.store import Assembly, FormatError, OutputStore, SettingsMismatch, read_outputs, write_outputs
 
 __all__ = [
     "ALPACA_EVAL",
     "Assembly",
-    "Budget",
     "CompareRow",
     "EvalModel",
     "FormatError",

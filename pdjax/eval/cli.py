@@ -18,11 +18,12 @@ import sys
 from typing import Any, Sequence
 
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
+from pdjax.decode.cli import UserError, resolve_model
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
 
 # Mistakes in what the user asked for: reported in one line, exit status 2.
-USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError)
+USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError, UserError)
 
 # DecodeOptions field -> command-line flag (the released decoder's names where it has them)
 OPTION_FLAGS = {
@@ -35,6 +36,7 @@ OPTION_FLAGS = {
     "top_k": "--top_k",
     "dense": "--disable_block_sparsity",
     "seed": "--seed",
+    "max_new_tokens": "--max_new_tokens",
 }
 
 
@@ -43,7 +45,8 @@ def _add_generate(sub: Any) -> None:
     g = sub.add_parser("generate", help="answer prompts into an alpaca_eval outputs file (resumable)")
     g.add_argument("--output", required=True, help="outputs JSON; part files go to OUTPUT.parts/")
     g.add_argument("--mode", choices=DECODE_MODES, default="pd")
-    g.add_argument("--model", default=None, help="HF folder (default: the shipped default model of --mode)")
+    g.add_argument("--model", default=None, help="an HF-layout folder or a Hugging Face id (ORG/NAME); default: "
+                                                 "the shipped default model of --mode")
     g.add_argument("--prompts", default="alpaca_eval",
                    help="'alpaca_eval' (the 805 prompts of HF tatsu-lab/alpaca_eval; needs network) or a local "
                         "JSON/JSONL file of strings or objects with `instruction` (or `prompt`) and optional `dataset`")
@@ -55,8 +58,8 @@ def _add_generate(sub: Any) -> None:
     r = g.add_argument_group("decoding program")
     r.add_argument("--max_length", type=int, default=2048, help="prompt + answer tokens")
     r.add_argument("--max_new_tokens", type=int, default=None,
-                   help="instead of --max_length: exactly N answer tokens per prompt (Dream-style diffusion "
-                        "decodes N masks); compiles one program per distinct prompt length")
+                   help="answer budget below --max_length; in mode diffusion exactly N masks per prompt "
+                        "(Dream's max_new_tokens; default: max_length - prompt)")
     r.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (the paper: 1)")
     r.add_argument("--max_spans", type=int, default=16)
     r.add_argument("--buckets", default="", help="comma-separated window sizes (default: powers of two)")
@@ -118,6 +121,7 @@ def options_from_args(args: argparse.Namespace) -> DecodeOptions:
         top_k=args.top_k or None,
         dense=args.disable_block_sparsity,
         seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
     )
 
 
@@ -148,20 +152,21 @@ def run_generate(args: argparse.Namespace) -> int:
     from pdjax.eval.generate import generate_outputs
     from pdjax.eval.prompts import load_prompts
     from pdjax.eval.report import speed_table, summarize_speed
-    from pdjax.eval.runner import Budget, default_model_path, load_eval_model
+    from pdjax.eval.runner import default_model_path, load_eval_model
 
     if (args.shard_index is None) != (args.num_shards is None):
         raise SystemExit("--shard_index and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
         raise SystemExit(f"--shard_index must be in [0, {args.num_shards})")
     options = options_from_args(args)
-    model_path = args.model or default_model_path(args.mode)
+    model_path = resolve_model(args.model) if args.model else default_model_path(args.mode)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise UserError(f"no model at {model_path}: pass --model DIR (an HF-layout folder) or ORG/NAME (a Hub id)")
     buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
     config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
                           max_spans=args.max_spans, buckets=buckets)
-    budget = Budget(args.max_length, args.max_new_tokens)
     prompts = load_prompts(args.prompts, args.num_samples)
-    model = load_eval_model(model_path, config, budget=budget, chat_template=not args.no_chat_template,
+    model = load_eval_model(model_path, config, chat_template=not args.no_chat_template,
                             system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl)
     generator = args.generator or default_generator(model.name, args.mode, options)
     devices = jax.local_devices()[: args.devices] if args.devices > 1 else None

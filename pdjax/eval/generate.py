@@ -32,8 +32,7 @@ def run_settings(model: EvalModel, prompts: Sequence[Prompt], options: DecodeOpt
         "generator": generator,
         "mode": c.mode,
         "options": dataclasses.asdict(options),
-        "max_length": model.budget.max_length if model.budget.max_new_tokens is None else None,
-        "max_new_tokens": model.budget.max_new_tokens,
+        "max_length": c.max_length,
         "batch_size": c.batch_size,
         "max_spans": c.max_spans,
         "buckets": list(c.buckets),
@@ -81,9 +80,8 @@ def generate_outputs(model: EvalModel, prompts: Sequence[Prompt], output: str, *
     done = store.finished()
     todo = [p for p in mine if p.index not in done]
     encoded = {p.index: model.encode(p.instruction) for p in todo}
-    lengths = {i: model.budget.for_prompt(len(ids)) for i, ids in encoded.items()}
     for p in todo:  # refuse bad prompts before spending any device time
-        model.decoder(lengths[p.index]).check_prompt(encoded[p.index], p.index)
+        model.check(p, encoded[p.index], options)
 
     workers = list(devices) if devices else [None]
     state = {"written": 0}
@@ -94,13 +92,12 @@ def generate_outputs(model: EvalModel, prompts: Sequence[Prompt], output: str, *
         share = todo[j::len(workers)]
         replica = Replica(model, workers[j])
         writer = store.writer(f"shard{shard_index:03d}-of{num_shards:03d}-worker{j:02d}")
-        share = sorted(share, key=lambda p: (lengths[p.index], p.index))  # a batch shares one max_length
         b = model.config.batch_size
         try:
-            start = 0
-            while start < len(share) and not stop.is_set():
-                batch = [p for p in share[start : start + b] if lengths[p.index] == lengths[share[start].index]]
-                start += len(batch)
+            for start in range(0, len(share), b):
+                if stop.is_set():
+                    break
+                batch = share[start : start + b]
                 records = replica.decode(batch, options, generator, [encoded[p.index] for p in batch])
                 kind = getattr(workers[j] or jax.devices()[0], "device_kind", "unknown")
                 writer.write([{**r, "device": kind} for r in records])

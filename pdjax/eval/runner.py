@@ -1,26 +1,32 @@
 """Decode instructions with one model and turn each result into an outputs record.
 
-An `EvalModel` holds the model, its tokenizer and the compiled decoders: one
-per ``max_length`` (a fixed ``max_length``, or ``prompt + max_new_tokens`` per
-prompt length, which Dream-style diffusion needs: it always decodes exactly
-that many masks). Before a decoder's first timed batch on a device it decodes
-one prompt untimed, so no latency includes compilation.
+An `EvalModel` holds the model, its tokenizer and its compiled decoder. Before
+the decoder's first timed batch on a device it decodes one prompt untimed, so
+no latency includes compilation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 import os
-import threading
 import time
 from typing import Any, Sequence
 
 import jax
 
-from pdjax.decode import DecodeConfig, DecodeOptions, Decoder, DecodeResult, model_forward
+from pdjax.decode import DecodeConfig, DecodeInputError, DecodeOptions, Decoder, DecodeResult, model_forward
 from pdjax.eval.prompts import Prompt
 from pdjax.structure import ControlIds, MissingControlTokens, clean_tokens
+
+
+def _eos_id(tokenizer: Any) -> int:
+    """`<|im_end|>` if the vocabulary has it, else the tokenizer's eos (as `python -m pdjax.decode` does)."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        return int(vocab["<|im_end|>"])
+    if tokenizer.eos_token_id is None:
+        raise DecodeInputError("the tokenizer has neither <|im_end|> nor an eos token: nothing can end a response")
+    return int(tokenizer.eos_token_id)
 
 
 def default_model_path(mode: str) -> str:
@@ -28,38 +34,24 @@ def default_model_path(mode: str) -> str:
     return str(importlib.resources.files("pdjax").joinpath("assets", "default_model", mode))
 
 
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """How long answers may be: ``max_length`` (prompt + answer, one program) or ``max_new_tokens`` per prompt."""
-
-    max_length: int = 2048
-    max_new_tokens: int | None = None
-
-    def for_prompt(self, prompt_len: int) -> int:
-        """The decoder max_length that serves a prompt of `prompt_len` tokens."""
-        return self.max_length if self.max_new_tokens is None else prompt_len + self.max_new_tokens
-
-
 class EvalModel:
-    """A model, its tokenizer, its control ids, and its compiled decoders (made on first use)."""
+    """A model, its tokenizer, its control ids, and its decoder (compiled on first use)."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: DecodeConfig, *, budget: Budget = Budget(),
-                 chat_template: bool = True, system_prompt: str | None = None, name: str = "model"):
+    def __init__(self, model: Any, tokenizer: Any, config: DecodeConfig, *, chat_template: bool = True,
+                 system_prompt: str | None = None, name: str = "model"):
         from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
 
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.budget = budget
         self.chat_template = chat_template
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.name = name
-        self.forward = model_forward(model)  # split once: every decoder shares these parameters
+        self.forward = model_forward(model)  # split once; replicas copy these parameters to their devices
         self.ids = self._control_ids()
-        self.eos_id = self.ids.eos if self.ids is not None else int(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
-        self._decoders: dict[int, Decoder] = {}
-        self._warm: set[tuple[int, str]] = set()
-        self._lock = threading.Lock()
+        self.eos_id = self.ids.eos if self.ids is not None else _eos_id(tokenizer)
+        self.decoder = Decoder(self.forward, eos_id=self.eos_id, ids=self.ids, config=config)
+        self._warm: set[str] = set()  # devices the decoder has run on
 
     @property
     def mode(self) -> str:
@@ -82,13 +74,16 @@ class EvalModel:
         system = self.system_prompt or None
         return chat_prompt_ids(self.tokenizer, instruction, system=system, chat_template=self.chat_template)
 
-    def decoder(self, max_length: int) -> Decoder:
-        """The decoder compiled for `max_length` (built once)."""
-        with self._lock:
-            if max_length not in self._decoders:
-                config = dataclasses.replace(self.config, max_length=max_length)
-                self._decoders[max_length] = Decoder(self.forward, eos_id=self.eos_id, ids=self.ids, config=config)
-            return self._decoders[max_length]
+    def check(self, prompt: Prompt, prompt_ids: Sequence[int], options: DecodeOptions) -> None:
+        """Raise `DecodeInputError` if the prompt cannot be answered as asked (too long, or, in diffusion
+        mode, too long for ``options.max_new_tokens`` masks under ``max_length``)."""
+        self.decoder.check_prompt(prompt_ids, prompt.index)
+        new = options.max_new_tokens
+        if self.mode == "diffusion" and new is not None and len(prompt_ids) + new > self.config.max_length:
+            raise DecodeInputError(
+                f"prompt {prompt.index} has {len(prompt_ids)} tokens: {new} masks need max_length >= "
+                f"{len(prompt_ids) + new}, not {self.config.max_length}"
+            )
 
     def text(self, token_ids: Sequence[int]) -> str:
         """The clean answer: plan, tags, [PAD] and everything from `<|im_end|>` on removed."""
@@ -100,9 +95,8 @@ class EvalModel:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def load_eval_model(path: str, config: DecodeConfig, *, budget: Budget = Budget(), chat_template: bool = True,
-                    system_prompt: str | None = None, dtype: str | None = None,
-                    attention_impl: str | None = None) -> EvalModel:
+def load_eval_model(path: str, config: DecodeConfig, *, chat_template: bool = True, system_prompt: str | None = None,
+                    dtype: str | None = None, attention_impl: str | None = None) -> EvalModel:
     """An `EvalModel` from a Hugging Face folder (config.json, safetensors, tokenizer files)."""
     from pdjax.model import load_pretrained
     from pdjax.model.tokenizer import load_tokenizer
@@ -114,8 +108,8 @@ def load_eval_model(path: str, config: DecodeConfig, *, budget: Budget = Budget(
         overrides.update(dtype=dtype, param_dtype=dtype)
     model = load_pretrained(path, **overrides)
     name = os.path.basename(os.path.normpath(path))
-    return EvalModel(model, load_tokenizer(path), config, budget=budget, chat_template=chat_template,
-                     system_prompt=system_prompt, name=name)
+    return EvalModel(model, load_tokenizer(path), config, chat_template=chat_template, system_prompt=system_prompt,
+                     name=name)
 
 
 def record(prompt: Prompt, prompt_ids: Sequence[int], result: DecodeResult, text: str, *, generator: str,
@@ -172,34 +166,26 @@ class Replica:
 
     def decode(self, prompts: Sequence[Prompt], options: DecodeOptions, generator: str,
                encoded: Sequence[list[int]] | None = None) -> list[dict[str, Any]]:
-        """Records for `prompts` (token ids in `encoded`, or encoded here), in batches of one max_length."""
+        """Records for `prompts` (token ids in `encoded`, or encoded here), in batches of `config.batch_size`."""
         m = self.model
         encoded = [m.encode(p.instruction) for p in prompts] if encoded is None else list(encoded)
-        groups: dict[int, list[int]] = {}
-        for i, ids in enumerate(encoded):
-            groups.setdefault(m.budget.for_prompt(len(ids)), []).append(i)
-        out: dict[int, dict[str, Any]] = {}
+        out = []
         b = m.config.batch_size
-        for max_length, members in groups.items():
-            decoder = m.decoder(max_length)
-            params = self.params
-            for start in range(0, len(members), b):
-                chunk = members[start : start + b]
-                batch = [encoded[i] for i in chunk]
-                self._warm_up(decoder, params, batch[0], options, max_length)
-                t0 = time.perf_counter()
-                results = decoder.generate(batch, options, params=params)
-                wall = time.perf_counter() - t0
-                for i, r in zip(chunk, results):
-                    out[i] = record(prompts[i], encoded[i], r, m.text(r.token_ids), generator=generator, mode=m.mode,
-                                    latency_s=wall, batch_fill=len(chunk))
-        return [out[i] for i in range(len(prompts))]
+        for start in range(0, len(prompts), b):
+            batch = encoded[start : start + b]
+            self._warm_up(batch[0], options)
+            t0 = time.perf_counter()
+            results = m.decoder.generate(batch, options, params=self.params)
+            wall = time.perf_counter() - t0
+            for p, ids, r in zip(prompts[start : start + b], batch, results):
+                out.append(record(p, ids, r, m.text(r.token_ids), generator=generator, mode=m.mode, latency_s=wall,
+                                  batch_fill=len(batch)))
+        return out
 
-    def _warm_up(self, decoder: Decoder, params: Any, prompt: list[int], options: DecodeOptions, max_length: int) -> None:
-        key = (max_length, str(self.device))
+    def _warm_up(self, prompt: list[int], options: DecodeOptions) -> None:
+        key = str(self.device)
         if key not in self.model._warm:
-            decoder.check_prompt(prompt)
-            decoder.generate([prompt], options, params=params)  # compiles; not timed, not recorded
+            self.model.decoder.generate([prompt], options, params=self.params)  # compiles; not timed or recorded
             self.model._warm.add(key)
 
 
