@@ -20,7 +20,7 @@ import jax
 from pdjax.decode import DecodeOptions
 from pdjax.eval.prompts import Prompt, prompts_fingerprint, shard_of
 from pdjax.eval.runner import EvalModel, Replica
-from pdjax.eval.store import Assembly, OutputStore
+from pdjax.eval.store import Assembly, OutputStore, clear_output
 
 
 def run_settings(model: EvalModel, prompts: Sequence[Prompt], options: DecodeOptions, generator: str,
@@ -52,11 +52,18 @@ class GenerateReport:
     assembly: Assembly | None
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _default_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    if (shard_index is None) != (num_shards is None):
+        raise ValueError("shard_index and num_shards go together")
     if num_shards is None:
-        num_shards = jax.process_count()
-    if shard_index is None:
-        shard_index = jax.process_index() if num_shards == jax.process_count() else 0
+        return jax.process_index(), jax.process_count()
     return shard_index, num_shards
 
 
@@ -73,8 +80,11 @@ def generate_outputs(model: EvalModel, prompts: Sequence[Prompt], output: str, *
     When every prompt is finished, process 0 writes `output` (after a barrier across processes).
     """
     generator = generator or model.name
-    store = OutputStore(output, run_settings(model, prompts, options, generator, settings), len(prompts),
-                        overwrite=overwrite)
+    if overwrite and jax.process_index() == 0:
+        clear_output(output)
+    if overwrite:
+        _barrier("pdjax.eval.overwrite")  # no host writes before the old files are gone
+    store = OutputStore(output, run_settings(model, prompts, options, generator, settings), len(prompts))
     shard_index, num_shards = _default_shard(shard_index, num_shards)
     mine = shard_of(prompts, shard_index, num_shards)
     done = store.finished()
@@ -90,6 +100,8 @@ def generate_outputs(model: EvalModel, prompts: Sequence[Prompt], output: str, *
 
     def work(j: int) -> None:
         share = todo[j::len(workers)]
+        if not share:
+            return
         replica = Replica(model, workers[j])
         writer = store.writer(f"shard{shard_index:03d}-of{num_shards:03d}-worker{j:02d}")
         b = model.config.batch_size
@@ -119,10 +131,7 @@ def generate_outputs(model: EvalModel, prompts: Sequence[Prompt], output: str, *
             f.result()
 
     assembly = None
-    if jax.process_count() > 1:  # every host has written its share before process 0 assembles
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("pdjax.eval.generate")
+    _barrier("pdjax.eval.generate")  # every host has written its share before process 0 assembles
     if jax.process_index() == 0:
         assembly = store.assemble()
     return GenerateReport(state["written"], len(mine) - len(todo), len(mine), assembly)

@@ -90,9 +90,7 @@ class OutputStore:
         self.total = total
         self._lock = threading.Lock()
         if overwrite:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            if os.path.exists(output):
-                os.remove(output)
+            clear_output(output)
         os.makedirs(self.dir, exist_ok=True)
         run = {"settings": dict(settings), "total": total}
         path = os.path.join(self.dir, RUN_FILE)
@@ -157,6 +155,13 @@ class OutputStore:
             if not missing:
                 write_outputs(self.output, records)
             return Assembly(records, missing, duplicates)
+
+
+def clear_output(output: str) -> None:
+    """Remove `output` and its part files (to start again)."""
+    shutil.rmtree(parts_dir(output), ignore_errors=True)
+    if os.path.exists(output):
+        os.remove(output)
 
 
 def write_outputs(path: str, records: Sequence[Mapping[str, Any]]) -> None:
