@@ -98,7 +98,10 @@ def sample(keys: jax.Array, logits: jax.Array, params: SamplingParams) -> Sample
     token = jax.lax.cond(params.temperature > 0, draw, lambda f: greedy, filtered)
     prob = jnp.take_along_axis(probs, token[..., None], axis=-1)[..., 0]
     neg_entropy = jnp.sum(probs * jnp.log(probs + ENTROPY_EPS), axis=-1)
-    top2 = jax.lax.top_k(probs, 2)[0]
-    margin = top2[..., 0] - top2[..., 1]
+    # top-1 minus top-2 by two reductions (lax.top_k is ~10x slower on CPU here)
+    best = jnp.argmax(probs, axis=-1)[..., None]
+    first = jnp.take_along_axis(probs, best, axis=-1)[..., 0]
+    others = jnp.where(jnp.arange(probs.shape[-1]) == best, -jnp.inf, probs)
+    margin = first - jnp.max(others, axis=-1)
     confidence = jnp.select([params.alg == 0, params.alg == 1], [neg_entropy, prob], margin)
     return Sample(token, prob, confidence)
