@@ -17,7 +17,7 @@ from pdjax.structure import Segments, ar_targets as structure_ar_targets, pack_d
 from pdjax.train.loss import Corruption, LossConfig, ar_targets, corrupt, loss_terms, maskable
 from structures import IDS, enc, responses
 
-V = 160
+V = 512  # word ids from structures.enc are shared by every test module of the session
 L = 48
 PAD_ID = 0
 
