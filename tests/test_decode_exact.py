@@ -564,3 +564,8 @@ def test_profiling_times_each_kind_of_call(decoders, forward):
     assert times["prefill"] > 0 and times["plan"] > 0 and times["denoise"] == times["commit"] == 0
     assert sum(times.values()) <= result.stats.wall_time_s
     assert result.stats.model_calls == 18 == len(result.token_ids) and result.token_ids[-1] == IDS.eos  # eos at 20
+
+
+def test_the_decoder_lowers_for_tpu(decoders):
+    """The whole batched program (while_loop, switch over windows, sampling) exports for TPU."""
+    assert "while" in decoders("pd", 3).export(["tpu"]).mlir_module()

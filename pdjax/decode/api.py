@@ -95,6 +95,14 @@ class Decoder:
         """How many programs the decoder has compiled so far (one per batch shape; prompts never add any)."""
         return int(self._run._cache_size())
 
+    def export(self, platforms: Sequence[str] = ("tpu",), options: DecodeOptions = DecodeOptions()) -> Any:
+        """The batch program lowered for `platforms` (a `jax.export.Exported`), e.g. to check TPU lowering."""
+        c = self.config
+        tokens = np.zeros((c.batch_size, c.max_length + 1), np.int32)
+        lengths = np.ones((c.batch_size,), np.int32)
+        knobs = make_knobs(options, c.max_length)
+        return jax.export.export(self._run, platforms=list(platforms))(self.forward.params, tokens, lengths, knobs)
+
     def check_prompt(self, prompt: Sequence[int], index: int = 0) -> list[int]:
         """The prompt as a list of ints, or a `DecodeInputError` saying why it cannot be decoded."""
         ids = [int(t) for t in prompt]
