@@ -17,7 +17,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pdjax.attention.kernel_common import NT_DIMS, NUM_LANES, NUM_SUBLANES, KernelConfig, lanes, tile_mask
+from pdjax.attention.kernel_common import (
+    NT_DIMS,
+    NUM_LANES,
+    NUM_SUBLANES,
+    KernelConfig,
+    lanes,
+    query_major_maps,
+    tile_mask,
+)
 from pdjax.attention.tiles import TileClass
 
 
@@ -144,17 +152,7 @@ def backward(
     params = dict(interpret=cfg.interpret)
 
     # dq: grid (batch, query head, query tile, key tile), as the forward.
-    def q_map(bi, hi, i, j, plan_ref):
-        return bi, hi, i, 0
-
-    def kv_map(bi, hi, i, j, plan_ref):
-        return bi, jax.lax.div(hi, group), plan_ref[bi, i, j] >> 2, 0
-
-    def q_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, i
-
-    def kv_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, plan_ref[bi, i, j] >> 2
+    q_map, kv_map, q_ids_map, kv_ids_map = query_major_maps(group)
 
     row = pl.BlockSpec((None, None, bq, NUM_LANES), q_map)
     dq = pl.pallas_call(

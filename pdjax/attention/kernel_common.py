@@ -11,6 +11,7 @@ compares columns against rows: the rule per pair, with no [T, S] array anywhere.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,37 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Stored as the log-sum-exp of a row with no allowed key: exp(s - EMPTY_ROW_LSE) is 0.
 EMPTY_ROW_LSE = -MASK_VALUE
 NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T without materialising b.T
+
+
+class QueryMajorMaps(NamedTuple):
+    """Block index maps of a (batch, query head, query tile, key tile) grid with a scalar-prefetched plan.
+
+    The plan word of a (query tile, key tile) holds the key tile to fetch in its
+    high bits (an EMPTY tile re-names the block already loaded, so no copy is issued).
+    """
+
+    q: Callable
+    kv: Callable
+    q_ids: Callable
+    kv_ids: Callable
+
+
+def query_major_maps(group: int) -> QueryMajorMaps:
+    """Index maps shared by the forward and dq kernels; `group` query heads share one kv head."""
+
+    def q_map(bi, hi, i, j, plan_ref):
+        return bi, hi, i, 0
+
+    def kv_map(bi, hi, i, j, plan_ref):
+        return bi, jax.lax.div(hi, group), plan_ref[bi, i, j] >> 2, 0
+
+    def q_ids_map(bi, hi, i, j, plan_ref):
+        return bi, 0, i
+
+    def kv_ids_map(bi, hi, i, j, plan_ref):
+        return bi, 0, plan_ref[bi, i, j] >> 2
+
+    return QueryMajorMaps(q_map, kv_map, q_ids_map, kv_ids_map)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pdjax.attention.kernel_common import (
     NUM_SUBLANES,
     KernelConfig,
     lanes,
+    query_major_maps,
     tile_mask,
 )
 from pdjax.attention.tiles import TileClass
@@ -109,17 +110,7 @@ def forward(
     bq, bkv = cfg.block_q, cfg.block_kv
     num_q_tiles, num_kv_tiles = t // bq, s // bkv
 
-    def q_map(bi, hi, i, j, plan_ref):
-        return bi, hi, i, 0
-
-    def kv_map(bi, hi, i, j, plan_ref):
-        return bi, jax.lax.div(hi, group), plan_ref[bi, i, j] >> 2, 0
-
-    def q_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, i
-
-    def kv_ids_map(bi, hi, i, j, plan_ref):
-        return bi, 0, plan_ref[bi, i, j] >> 2
+    q_map, kv_map, q_ids_map, kv_ids_map = query_major_maps(group)
 
     in_specs = [
         pl.BlockSpec((None, None, bq, h), q_map),
