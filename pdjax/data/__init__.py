@@ -10,7 +10,7 @@ from pdjax.data.examples import build_document
 from pdjax.data.packing import first_fit, packing_efficiency
 from pdjax.data.pipeline import BATCH_KEYS, build_pipeline
 from pdjax.data.report import DataReport, SkippedRow
-from pdjax.data.sources import RowError, load_source
+from pdjax.data.sources import RowError, load_source, prepare_source
 from pdjax.data.transforms import ablate_topic, drop_sync, with_pads
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "first_fit",
     "load_source",
     "packing_efficiency",
+    "prepare_source",
     "with_pads",
 ]

@@ -14,6 +14,7 @@ import os
 from typing import Any, Mapping
 
 from pdjax.data.config import DataConfig
+from pdjax.data.synthetic_source import ensure_synthetic, is_synthetic
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -39,10 +40,19 @@ def local_files(source: str) -> list[str] | None:
     return files or None
 
 
+def prepare_source(config: DataConfig, log: Any = print) -> None:
+    """Make a generated source exist before anything reads it (a ``synthetic:`` folder: data and tokenizer)."""
+    if is_synthetic(config.source):
+        ensure_synthetic(config.source, log=log)
+
+
 def load_source(config: DataConfig) -> Any:
-    """The whole split as a `datasets.Dataset` (hub name, local folder, or local data files)."""
+    """The whole split as a `datasets.Dataset` (hub name, local folder, local data files, or ``synthetic:``)."""
     import datasets
 
+    if is_synthetic(config.source):
+        files = [ensure_synthetic(config.source, log=None).file(config.split)]
+        return datasets.load_dataset("json", data_files=files, split="train", cache_dir=config.cache_dir)
     files = local_files(config.source)
     if files is not None:
         kinds = {LOCAL_BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
