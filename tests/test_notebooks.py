@@ -222,6 +222,54 @@ def test_finetune_export_loads_and_decodes(finetune) -> None:
     assert "held-out check: {'answers': 2" in text
 
 
+def notebook_function(name: str, function: str, namespace: dict[str, Any]) -> Any:
+    """A function defined in a notebook's code cell, compiled on its own in `namespace`."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.FunctionDef) and node.name == function:
+                exec(compile(ast.Module([node], []), f"{name}:{function}", "exec"), namespace)
+                return namespace[function]
+    raise LookupError(f"{name} defines no {function}()")
+
+
+def test_decode_tokenizer_loader_reads_slow_tokenizer_folders(finetune, tmp_path: Path) -> None:
+    """A folder saved by a slow (remote-code) Dream tokenizer: vocab.json + merges.txt, no tokenizer.json.
+
+    The notebook reads it as Qwen2's BPE; it must tokenize, apply the chat template and find the control
+    tokens exactly as the fast tokenizer of the same vocabulary does.
+    """
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    from pdjax.model.tokenizer import chat_prompt_ids, control_ids
+
+    export = Path(finetune[1]["export_dir"])
+    fast = PreTrainedTokenizerFast.from_pretrained(export)
+    fast.backend_tokenizer.model.save(str(tmp_path))
+    config = json.loads((export / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                 "normalized": t.normalized, "single_word": t.single_word}
+        for i, t in fast.added_tokens_decoder.items()
+    }
+    config.update(tokenizer_class="DreamTokenizer", auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(export / "chat_template.jinja", tmp_path)
+    load_tokenizer = notebook_function("decode.ipynb", "load_tokenizer", {
+        "os": os, "PreTrainedTokenizerFast": PreTrainedTokenizerFast, "Qwen2Tokenizer": Qwen2Tokenizer})
+    slow = load_tokenizer(str(tmp_path))
+    assert isinstance(slow, Qwen2Tokenizer) and not (tmp_path / "tokenizer.json").exists()
+    text = "<promise>-<topic>apple price 1</topic><async>The apple costs 14 coins.</async><sync/> So [PAD]<|im_end|>"
+    assert slow.encode(text, add_special_tokens=False) == fast.encode(text, add_special_tokens=False)
+    assert chat_prompt_ids(slow, "Which word is longer, cat or horse?") == chat_prompt_ids(fast, "Which word is longer, cat or horse?")
+    assert control_ids(slow) == control_ids(fast)
+    assert type(load_tokenizer(str(export))) is type(fast)
+
+
 def test_decode_runs_without_pip_or_torch(decode) -> None:
     nb, probe = decode
     assert "nothing to install" in cell_text(install_cell(nb))
