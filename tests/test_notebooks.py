@@ -51,7 +51,7 @@ def kernel_env() -> dict[str, str]:
 
 
 def cell_text(cell: Any) -> str:
-    """Everything a code cell printed or displayed, as plain text."""
+    """Everything a code cell printed or displayed, as plain text (rich's colour codes removed)."""
     parts = []
     for out in cell.get("outputs", []):
         if out.output_type == "stream":
@@ -60,7 +60,7 @@ def cell_text(cell: Any) -> str:
             parts.append(out.data.get("text/plain", ""))
         elif out.output_type == "error":
             parts.append("\n".join(out.traceback))
-    return "".join(parts)
+    return re.sub(r"\x1b\[[0-9;]*m", "", "".join(parts))
 
 
 def execute(name: str, params: dict[str, Any], probe: str, cwd: Path) -> tuple[Any, dict[str, Any]]:
