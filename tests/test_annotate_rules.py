@@ -23,8 +23,8 @@ from pdjax.annotate import (
     validate_annotation,
 )
 from pdjax.annotate.__main__ import main
-from pdjax.annotate.validate import control_ids
 from pdjax.annotate.instructions import SYSTEM
+from pdjax.annotate.validate import control_ids
 from pdjax.structure import parse_response, strip_plan
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention_tiles import batches, cache_batches, cache_view, stack
 
 from pdjax.attention import attention, pallas_attention, reference_attention, splash_dense_attention
 from pdjax.structure import Segments, pack_documents, segments_from_tokens, strip_plan
 from structures import IDS, enc
-from test_attention_tiles import batches, cache_batches, cache_view, stack
 
 LENGTH = 96  # six 16-token tiles: enough tiles for EMPTY / PARTIAL / FULL to mix
 WINDOW = 32  # cache queries: two 16-token tiles over the 96-slot cache

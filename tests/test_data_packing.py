@@ -4,7 +4,17 @@ import json
 
 import numpy as np
 import pytest
-from test_data_toy import documents, prompt_ids, question, row_of, toy_config, toy_ids, toy_rows, toy_tokenizer, write_jsonl
+from test_data_toy import (
+    documents,
+    prompt_ids,
+    question,
+    row_of,
+    toy_config,
+    toy_ids,
+    toy_rows,
+    toy_tokenizer,
+    write_jsonl,
+)
 
 from pdjax.data import BATCH_KEYS, build_pipeline, first_fit
 from pdjax.structure import Role, Segments, segments_from_tokens

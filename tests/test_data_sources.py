@@ -4,7 +4,18 @@ import json
 
 import numpy as np
 import pytest
-from test_data_toy import documents, encode, prompt_ids, question, row_of, toy_config, toy_ids, toy_rows, toy_tokenizer, write_jsonl
+from test_data_toy import (
+    documents,
+    encode,
+    prompt_ids,
+    question,
+    row_of,
+    toy_config,
+    toy_ids,
+    toy_rows,
+    toy_tokenizer,
+    write_jsonl,
+)
 
 from pdjax.data import build_pipeline
 from pdjax.structure import Role

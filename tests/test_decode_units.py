@@ -12,10 +12,10 @@ import pytest
 from pdjax.decode import layout as lay
 from pdjax.decode import schedule as sch
 from pdjax.decode.sampling import SamplingParams, filter_logits, sample
-
-FILTER, SAMPLE = jax.jit(filter_logits), jax.jit(sample)  # one compile: the knobs are traced
 from pdjax.structure import parse_response
 from structures import IDS, enc
+
+FILTER, SAMPLE = jax.jit(filter_logits), jax.jit(sample)  # one compile: the knobs are traced
 
 
 # ---- schedules ------------------------------------------------------------------------------

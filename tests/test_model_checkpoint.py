@@ -12,13 +12,13 @@ import torch
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from test_model_parity import TOL, causal_segments, hf_logits, random_qwen2
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from pdjax.model import CheckpointError, DreamConfig, load_pretrained, make_mesh, save_pretrained
-from test_model_parity import TOL, causal_segments, hf_logits, random_qwen2
 
 TOKENS = np.random.default_rng(5).integers(0, 1024, (2, 16)).astype(np.int32)
 SEG = causal_segments(2, 16)

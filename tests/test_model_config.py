@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_model_checkpoint import dream_config_json
 from transformers import Qwen2Config
 
 from pdjax.model import (
@@ -17,7 +18,6 @@ from pdjax.model import (
     logical_to_spec,
     make_mesh,
 )
-from test_model_checkpoint import dream_config_json
 
 
 def test_released_dream_config_json_parses_to_the_7b_preset(tmp_path):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_train_loop import host_params, make_config, tokenizer
 
 from pdjax.model import DreamConfig, abstract_model
 from pdjax.train import lora as lora_lib
 from pdjax.train.trainer import Trainer
-from test_train_loop import host_params, make_config, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdjax.structure import Segments, ar_targets as structure_ar_targets, pack_documents, segments_from_tokens, strip_plan
+from pdjax.structure import Segments, pack_documents, segments_from_tokens, strip_plan
+from pdjax.structure import ar_targets as structure_ar_targets
 from pdjax.train.loss import Corruption, LossConfig, ar_targets, corrupt, loss_terms, maskable
 from structures import IDS, enc, responses
 

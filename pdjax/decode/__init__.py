@@ -1,6 +1,6 @@
 """Decoding (METHOD §4): sampling and confidence, schedules, plan layout, the while_loop decoder, the CLI."""
 
-from pdjax.decode.api import DecodeInputError, DecodeResult, Decoder, vocab_size_of
+from pdjax.decode.api import DecodeInputError, Decoder, DecodeResult, vocab_size_of
 from pdjax.decode.decoder import DECODE_MODES, DecodeConfig, DecodeOptions
 from pdjax.decode.forward import CacheFn, Forward, LogitsFn, model_forward
 from pdjax.decode.sampling import ALGS, SamplingParams, sample

@@ -14,8 +14,8 @@ from typing import Any, Literal, Sequence
 from pdjax.data import DataConfig
 from pdjax.model import REMAT_POLICIES
 from pdjax.train import overrides
-from pdjax.train.loss import NORMALIZATIONS, RECIPES, LossConfig, Normalize, Recipe
 from pdjax.train.lora import LoraConfig
+from pdjax.train.loss import NORMALIZATIONS, RECIPES, LossConfig, Normalize, Recipe
 from pdjax.train.optimizer import OptimizerConfig
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")

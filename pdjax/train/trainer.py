@@ -26,7 +26,7 @@ from pdjax.model import DreamConfig, DreamModel, abstract_model, init_model, mak
 from pdjax.model.tokenizer import load_tokenizer
 from pdjax.structure import ControlIds, add_control_tokens
 from pdjax.train import lora as lora_lib
-from pdjax.train.checkpointing import Checkpointer, abstract_like
+from pdjax.train.checkpointing import Checkpointer
 from pdjax.train.config import TrainConfig, config_dict
 from pdjax.train.metrics import MetricsLog, Throughput, flops_per_token, peak_flops
 from pdjax.train.optimizer import learning_rate_schedule, make_optimizer
