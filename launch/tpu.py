@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import shlex
 import subprocess
@@ -155,8 +156,8 @@ def cmd_train(args: argparse.Namespace, run: Runner) -> None:
         f"nohup {train} > {shlex.quote(args.log)} 2>&1 &"
     )
     if args.config.startswith("configs/"):  # configs ship in the repo, not the wheel: copy them first
+        run(_ssh_all(args, f"mkdir -p ~/{shlex.quote(os.path.dirname(args.config))}"))  # scp needs the folder
         run(_base(args) + ["scp", args.config, f"{args.name}:{args.config}", *_where(args), "--worker=all"])
-        command = f"mkdir -p ~/configs && {command}"
     run(_ssh_all(args, command))
     print(f"# started on {hosts} host(s); follow with: launch/tpu.py logs --name {args.name} --zone {args.zone}", file=sys.stderr)
 

@@ -39,10 +39,12 @@ def test_setup_installs_pinned_versions_on_every_worker():
 
 
 def test_train_runs_on_all_workers_with_overrides():
-    scp, ssh = dry_run(
+    mkdir, scp, ssh = dry_run(
         "train", *COMMON, "--accelerator", "v5p-32", "--config", "configs/dream7b_planned_v5p.yaml",
         "--", "checkpoint.dir=gs://bucket/pd", "train.steps=1000",
     )
+    # the config's folder exists on every worker before scp copies into it
+    assert "--worker=all" in mkdir and mkdir[mkdir.index("--command") + 1] == "mkdir -p ~/configs"
     assert scp[4:7] == ["scp", "configs/dream7b_planned_v5p.yaml", "pd-run:configs/dream7b_planned_v5p.yaml"]
     assert "--worker=all" in ssh
     remote = ssh[ssh.index("--command") + 1]
