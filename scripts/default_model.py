@@ -131,7 +131,8 @@ MODEL_CARD = """\
 - `heldout.jsonl`: held-out prompts (never in training) with the facts a right answer states;
   score answers with `pdjax.synthetic.check_completion`.
 
-Held-out metrics measured when it was shipped ({n} prompts, greedy decoding):
+Held-out metrics measured when it was shipped ({n} prompts, greedy decoding, the trained float32 weights
+before the bfloat16 cast; `python scripts/default_model.py eval`):
 
 {metrics}
 
