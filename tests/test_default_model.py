@@ -194,3 +194,16 @@ def test_eval_on_the_default_model_resumes_and_compares(tmp_path, capsys):
     pd_row = next(r for r in got["rows"] if r["path"] == pd_out)
     assert pd_row["critical_path_ratio"] == pytest.approx(ratio, rel=1e-9)
     assert f"{ratio:.2f}x" in printed
+
+
+def test_decode_cli_defaults_to_the_shipped_pd_model(shipped, capsys):
+    """The README's first command: `python -m pdjax.decode --prompt ...` with no --model."""
+    from pdjax.decode.cli import main
+
+    _, tokenizer, ids = shipped["pd"]
+    row = next(r for r in heldout("pd") if r["shape"] == "one_round")
+    assert main(["--prompt", row["prompt"], "--json", "--temperature", "0"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    parsed = parse_response(record["token_ids"], ids)  # the shipped model's own plan, parsed by the foundation
+    assert record["stats"]["spans"] == len(parsed.spans) >= 1
+    assert record["text"] == check_completion(row["facts"], record["token_ids"], tokenizer).answer
