@@ -66,6 +66,30 @@ class Example:
     planned: bool
 
 
+def plan_banned(plan: list[int], max_spans: int = 16) -> set[int]:
+    """The documented plan grammar (METHOD §1): the control and digit tokens banned after the round's `plan`."""
+    inside, run, promises = False, 0, 0
+    for t in plan:
+        if not inside and t == IDS.promise_start:
+            inside, run = True, 0
+        elif inside and t == IDS.promise_end:
+            inside, promises = False, promises + 1
+        elif inside and t in IDS.digits:
+            run = run + 1 if run < 2 else run
+        elif inside and run > 0:
+            run = 3
+    banned = {IDS.async_start, IDS.async_end, IDS.pad, IDS.mask}
+    if inside:
+        banned |= {IDS.promise_start, IDS.sync, IDS.eos}
+        banned |= {IDS.promise_end} if run == 0 else set()
+        banned |= set(IDS.digits) if run == 2 else set()
+    else:
+        banned |= {IDS.promise_end}
+        banned |= {IDS.sync} if promises == 0 else set()
+        banned |= {IDS.promise_start} if promises >= max_spans else set()
+    return banned
+
+
 WORD = st.integers(100, 140)
 
 

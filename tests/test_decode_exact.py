@@ -28,7 +28,7 @@ from pdjax.structure import (
     segments_from_tokens,
 )
 from pdjax.structure.errors import UnclosedPromise
-from structures import IDS  # control ids 50..57, digits 60..69
+from structures import IDS, plan_banned  # control ids 50..57, digits 60..69
 
 V = 160
 MAX_LEN = 44
@@ -170,27 +170,6 @@ class Reference:
         }[alg]
         return token, prob, conf
 
-    @staticmethod
-    def plan_allowed(plan: list[int], tok: int, max_spans: int = 16) -> bool:
-        """The documented plan grammar, read off the current round's plan text."""
-        inside, run, promises = False, 0, 0
-        for t in plan:
-            if not inside and t == IDS.promise_start:
-                inside, run = True, 0
-            elif inside and t == IDS.promise_end:
-                inside, promises = False, promises + 1
-            elif inside and t in DIGITS:
-                run = run + 1 if run < 2 else run
-            elif inside and run > 0:
-                run = 3
-        if tok in (IDS.async_start, IDS.async_end, IDS.pad, IDS.mask):
-            return False
-        if inside:
-            return not (tok in (IDS.promise_start, IDS.sync, IDS.eos) or (tok == IDS.promise_end and run == 0)
-                        or (tok in DIGITS and run == 2))
-        return not (tok == IDS.promise_end or (tok == IDS.sync and promises == 0)
-                    or (tok == IDS.promise_start and promises >= max_spans))
-
     # the schedule ---------------------------------------------------------------------------
 
     @staticmethod
@@ -241,7 +220,8 @@ class Reference:
         seg_of = lambda s: self.pd_segments(s, plen, dense)  # noqa: E731
         while True:
             logits = self.logits(seq, seg_of(seq))[-1]
-            allowed = [self.plan_allowed(seq[round_start:], t) for t in range(V)]
+            grammar = plan_banned(seq[round_start:])
+            allowed = [t not in grammar for t in range(V)]
             tok = int(np.argmax(np.where(allowed, logits, -np.inf)))
             if tok not in (IDS.sync, IDS.eos):
                 seq.append(tok)

@@ -13,7 +13,7 @@ from pdjax.decode import layout as lay
 from pdjax.decode import schedule as sch
 from pdjax.decode.sampling import SamplingParams, filter_logits, sample
 from pdjax.structure import parse_response
-from structures import IDS, enc
+from structures import IDS, enc, plan_banned
 
 FILTER, SAMPLE = jax.jit(filter_logits), jax.jit(sample)  # one compile: the knobs are traced
 
@@ -181,30 +181,6 @@ def test_plan_group_budget_and_write():
     assert tokens[:10].tolist() == [0] * 10 and tokens[23:].tolist() == [0] * 7
 
 
-def grammar_reference(plan: list[int], max_spans: int) -> set[int]:
-    """The documented plan grammar: the control/digit tokens banned after `plan`."""
-    inside, run, promises = False, 0, 0
-    for t in plan:
-        if not inside and t == IDS.promise_start:
-            inside, run = True, 0
-        elif inside and t == IDS.promise_end:
-            inside, promises = False, promises + 1
-        elif inside and t in IDS.digits:
-            run = run + 1 if run < 2 else run
-        elif inside and run > 0:
-            run = 3
-    banned = {IDS.async_start, IDS.async_end, IDS.pad, IDS.mask}
-    if inside:
-        banned |= {IDS.promise_start, IDS.sync, IDS.eos}
-        banned |= {IDS.promise_end} if run == 0 else set()
-        banned |= set(IDS.digits) if run == 2 else set()
-    else:
-        banned |= {IDS.promise_end}
-        banned |= {IDS.sync} if promises == 0 else set()
-        banned |= {IDS.promise_start} if promises >= max_spans else set()
-    return banned
-
-
 def test_grammar_matches_the_documented_rules():
     rng = np.random.default_rng(0)
     vocab = [IDS.promise_start, IDS.promise_end, *IDS.digits, 100, 101]
@@ -214,7 +190,7 @@ def test_grammar_matches_the_documented_rules():
         state, plan = lay.Grammar.fresh(), []
         for _ in range(14):
             banned = {t for t in range(200) if np.isneginf(np.asarray(bias(state))[t])}
-            assert banned == grammar_reference(plan, 2)
+            assert banned == plan_banned(plan, 2)
             choices = [t for t in vocab if t not in banned]
             tok = int(rng.choice(choices))
             plan.append(tok)
