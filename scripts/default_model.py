@@ -4,7 +4,7 @@
     python scripts/default_model.py ship  runs/default_model/pd/hf pdjax/assets/default_model/pd --mode pd \
         --config configs/default_model.yaml --heldout runs/default_model/data/heldout.jsonl
 
-`eval` decodes held-out prompts (greedy by default) with `pdjax.decode` and scores every answer with
+`eval` decodes held-out prompts (greedy by default) through `pdjax.eval` and scores every answer with
 `pdjax.synthetic.check_completion`: well-formed plans, planned share, span accuracy, fact accuracy,
 model calls on the critical path. `ship` re-saves a trained Hugging Face folder with bfloat16 weights,
 the tokenizer, the held-out prompts the tests use and a model card.
@@ -48,71 +48,53 @@ def load(model_dir: str, dtype: str = "float32") -> tuple[Any, Any]:
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
+    model_dir: str,
     rows: Sequence[dict],
     mode: str,
     *,
     batch_size: int = 32,
     temperature: float = 0.0,
     seed: int = 0,
+    dtype: str = "float32",
     new_tokens: int = DIFFUSION_NEW_TOKENS,
 ) -> dict:
-    """Decode `rows` (held-out records) in `mode` and score them; returns the summary with per-shape splits.
+    """Decode `rows` (held-out records) with the model in `model_dir` in `mode` and score them.
 
-    ``pd`` and ``ar`` decode with max_length 256; ``diffusion`` decodes `new_tokens` to `new_tokens` + 7 masks
-    per prompt (prompts are grouped by length in bins of 8, one compiled program per bin).
+    Decoding goes through `pdjax.eval` (as `benchmarks/critical_path.py` does): max_length 256, and in
+    ``diffusion`` mode exactly `new_tokens` masks per prompt. Returns the summary with per-shape splits.
     """
-    from pdjax.decode import DecodeConfig, DecodeOptions, Decoder
-    from pdjax.model.tokenizer import chat_prompt_ids
-    from pdjax.structure import ControlIds
+    from pdjax.decode import DecodeConfig, DecodeOptions
+    from pdjax.eval import decode_prompts, load_eval_model, prompts_from_rows
     from pdjax.synthetic import check_completion, summarize
 
-    ids = ControlIds.from_tokenizer(tokenizer)
-    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    options = DecodeOptions(temperature=temperature, top_p=None if temperature == 0 else 0.95, seed=seed)
-    outputs: list[Any] = [None] * len(rows)
+    config = DecodeConfig(mode=mode, max_length=PLANNED_MAX_LENGTH, batch_size=min(batch_size, len(rows)))
+    model = load_eval_model(model_dir, config, dtype=dtype)
+    options = DecodeOptions(temperature=temperature, top_p=None if temperature == 0 else 0.95, seed=seed,
+                            max_new_tokens=new_tokens if mode == "diffusion" else None)
     start = time.perf_counter()
-    if mode == "diffusion":
-        by_length: dict[int, list[int]] = collections.defaultdict(list)
-        for i, p in enumerate(prompts):
-            by_length[-(-(len(p) + new_tokens) // 8) * 8].append(i)
-        decoders: dict[tuple[int, int], Decoder] = {}
-        for max_length, members in sorted(by_length.items()):
-            b = min(batch_size, len(members))
-            key = (max_length, b)
-            if key not in decoders:
-                config = DecodeConfig(mode="diffusion", max_length=key[0], batch_size=b)
-                decoders[key] = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=config)
-            results = decoders[key].generate([prompts[i] for i in members], options)
-            for i, r in zip(members, results):
-                outputs[i] = r
-    else:
-        config = DecodeConfig(mode=mode, max_length=PLANNED_MAX_LENGTH, batch_size=min(batch_size, len(rows)))
-        decoder = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=config)
-        outputs = decoder.generate(prompts, options)
+    records = decode_prompts(model, prompts_from_rows([r["prompt"] for r in rows], "heldout"), options)
     seconds = time.perf_counter() - start
 
-    checks = [check_completion(r["facts"], o.token_ids, tokenizer) for r, o in zip(rows, outputs)]
+    tokenizer = model.tokenizer
+    checks = [check_completion(r["facts"], rec["token_ids"], tokenizer) for r, rec in zip(rows, records)]
     summary = summarize(checks)
     summary["mode"] = mode
     summary["decode_s"] = round(seconds, 1)
-    calls = [o.stats.model_calls for o in outputs]
-    summary["model_calls_mean"] = round(statistics.fmean(calls), 2)
-    summary["async_groups_mean"] = round(statistics.fmean(o.stats.groups for o in outputs), 2)
-    summary["finish"] = dict(collections.Counter(o.stats.finish_reason for o in outputs))
-    shapes: dict[str, list] = collections.defaultdict(list)
-    for r, c in zip(rows, checks):
-        shapes[r["shape"]].append(c)
-    summary["by_shape"] = {s: summarize(cs) for s, cs in sorted(shapes.items())}
-    families: dict[str, list] = collections.defaultdict(list)
-    for r, c in zip(rows, checks):
-        families[r["family"]].append(c)
-    summary["fact_accuracy_by_family"] = {f: summarize(cs)["fact_accuracy"] for f, cs in sorted(families.items())}
+    summary["model_calls_mean"] = round(statistics.fmean(rec["model_calls"] for rec in records), 2)
+    summary["async_groups_mean"] = round(statistics.fmean(rec["groups"] for rec in records), 2)
+    summary["finish"] = dict(collections.Counter(rec["finish_reason"] for rec in records))
+    def split(key: str) -> dict[str, dict]:
+        groups: dict[str, list] = collections.defaultdict(list)
+        for r, c in zip(rows, checks):
+            groups[r[key]].append(c)
+        return {name: summarize(cs) for name, cs in sorted(groups.items())}
+
+    summary["by_shape"] = split("shape")
+    summary["fact_accuracy_by_family"] = {f: s["fact_accuracy"] for f, s in split("family").items()}
     summary["examples"] = [
         {"prompt": r["prompt"], "answer": c.answer, "well_formed": c.well_formed, "facts_right": f"{c.facts_right}/{c.facts}",
-         "response": tokenizer.decode(o.token_ids, skip_special_tokens=False)}
-        for r, c, o in list(zip(rows, checks, outputs))[:6]
+         "response": tokenizer.decode(rec["token_ids"], skip_special_tokens=False)}
+        for r, c, rec in list(zip(rows, checks, records))[:6]
     ]
     return summary
 
@@ -211,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--metrics", help="a summary JSON written by `eval --out` for the model card")
     args = p.parse_args(argv)
     if args.command == "eval":
-        model, tokenizer = load(args.model_dir, args.dtype)
         rows = read_jsonl(args.heldout, args.num)
-        summary = evaluate(model, tokenizer, rows, args.mode, batch_size=args.batch_size, temperature=args.temperature)
+        summary = evaluate(args.model_dir, rows, args.mode, batch_size=args.batch_size, temperature=args.temperature,
+                           dtype=args.dtype)
         text = json.dumps(summary, indent=2)
         print(text)
         if args.out:
