@@ -175,11 +175,11 @@ class Preemption:
             # Take SIGTERM back from JAX's notifier: its job is done, and a second notice must abort.
             self._previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, _ignore))
         if self.requested is None and self.sync_point:
-            self.log(f"preemption notice from another host: every host stops at step {step}")
+            self.log(f"preemption notice (SIGTERM to this or another host): every host stops at step {step}")
 
     @property
     def reason(self) -> str:
-        """What stopped the run, for messages: ``SIGTERM``, ``SIGINT`` or a preemption notice."""
+        """What stopped the run, for messages: ``SIGTERM``, ``SIGINT`` or a (multi-host) preemption notice."""
         return signal_name(self.requested) if self.requested is not None else "a preemption notice"
 
 
