@@ -198,3 +198,11 @@ def test_a_second_signal_aborts_at_once_and_the_last_complete_checkpoint_resumes
     logged = metrics(files, "abort")
     assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
     assert logged == straight
+
+
+def test_ctrl_c_during_setup_exits_without_a_traceback(files):
+    # the data report's last line comes before the model, the optimizer and the loop are set up
+    rc, out = train(files, run_args(files, "setup"), signals=(signal.SIGINT,), after="  packing:")
+    assert rc == 130, out
+    assert "interrupted before training started: nothing to save" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out

@@ -8,6 +8,7 @@ a Hugging Face checkpoint (LoRA folded in). `train(cfg)` does all three.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -390,12 +391,15 @@ class Trainer:
                         metrics_log.print(f"the data ended after {step} steps")
                         break
                     first = step == start
-                    if first:
+                    compiling = first and not getattr(self.step_fn, "compiled", False)  # a cached step is ready
+                    if compiling:
                         metrics_log.print(f"compiling the train step (batch {cfg.data.batch_size} x {cfg.data.row_length}) ...")
                         compile_start = time.perf_counter()
                     self.state, metrics = self.step_fn(self.state, self.frozen, self.device_batch(host_batch))
                     step += 1
-                    if first:  # the call returns once compiled; the step itself runs on asynchronously
+                    if compiling:  # the call returns once compiled; the step itself runs on asynchronously
+                        with contextlib.suppress(AttributeError):  # a step function that takes no attributes
+                            self.step_fn.compiled = True
                         metrics_log.print(f"train step ready in {time.perf_counter() - compile_start:.1f} s")
                     if callback is not None:
                         callback(step, host_batch, metrics)
