@@ -19,6 +19,10 @@ EPILOG = """\
 overrides are dotted config keys, e.g.  steps=2000 optimizer.learning_rate=2e-5 data.mode=dense mesh.fsdp=-1
 an unknown key is an error that lists the closest valid keys.
 
+SIGTERM (preemption) or Ctrl-C: the step in flight finishes (on every host, at one agreed step), is
+checkpointed with the data position, and the command that resumes is printed; exit status 0.
+A second signal aborts at once, keeping the last complete checkpoint.
+
 examples:
   python -m pdjax.train --config configs/tiny_cpu.yaml
   python -m pdjax.train --config configs/tiny_cpu.yaml --resume steps=600
