@@ -204,5 +204,5 @@ def test_ctrl_c_during_setup_exits_without_a_traceback(files):
     # the data report's last line comes before the model, the optimizer and the loop are set up
     rc, out = train(files, run_args(files, "setup"), signals=(signal.SIGINT,), after="  packing:")
     assert rc == 130, out
-    assert "interrupted before training started: nothing to save" in out
+    assert "interrupted outside the training loop: nothing to save" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out

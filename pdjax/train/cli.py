@@ -83,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         trainer = train(cfg, resume=args.resume, log=log)
-    except KeyboardInterrupt:  # Ctrl-C before the loop's own handlers were in place: nothing to save yet
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (setup, export): the loop's own handlers were not in place
         if log:
-            log("interrupted before training started: nothing to save")
+            log("interrupted outside the training loop: nothing to save, checkpoints are as they were")
         return 130
     stopped = trainer.stopped
     if stopped is not None and log:

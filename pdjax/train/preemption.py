@@ -42,6 +42,20 @@ def uses_sync_point() -> bool:
     return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
+def mark_start(step: int) -> None:
+    """Record `step` (the restored one) with JAX's sync point, as early as it is known.
+
+    The sync point is the fastest host's last recorded step + 1; before any
+    record it is 0 + 1, a step a resumed run never reaches. A notice that
+    arrives during setup (restoring, compiling) then still stops the run after
+    its first step. No-op without the preemption service.
+    """
+    if uses_sync_point():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.reached_preemption_sync_point(step)
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
@@ -153,10 +167,7 @@ class Preemption:
 
     def start(self, step: int) -> None:
         """Tell the sync point the step the loop starts from (a notice during setup then lands on a real step)."""
-        if self.sync_point:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.reached_preemption_sync_point(step)
+        mark_start(step)
 
     def should_stop(self, step: int) -> bool:
         """After `step` (steps done so far): True when this host, with every other one, stops here."""

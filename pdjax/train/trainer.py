@@ -32,7 +32,7 @@ from pdjax.train.checkpointing import Checkpointer
 from pdjax.train.config import TrainConfig, config_dict
 from pdjax.train.metrics import MetricsLog, Throughput, flops_per_token, peak_flops
 from pdjax.train.optimizer import learning_rate_schedule, make_optimizer
-from pdjax.train.preemption import Preemption
+from pdjax.train.preemption import Preemption, mark_start
 from pdjax.train.step import StepOptions, TrainState, batch_sharding, jit_train_step, make_train_step, state_layout
 
 # The jitted steps of recent setups, reused by a new Trainer with the same model, optimizer, mesh and batch
@@ -146,7 +146,7 @@ class Trainer:
     report: DataReport | None
     checkpointer: Checkpointer | None
     log: Callable[[str], None] = print
-    stopped: "Stopped | None" = None  # set by `train` when a signal or preemption notice ended it early
+    stopped: Stopped | None = None  # set by `train` when a signal or preemption notice ended it early
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -216,6 +216,8 @@ class Trainer:
         restoring = restore_step is not None
         if restoring and checkpointer is None:
             raise ValueError("restoring needs checkpoint.dir")
+        if with_data:
+            mark_start(restore_step or 0)  # a preemption notice during the setup below lands on a step
 
         # Base weights: loaded, initialised or (when a full fine-tune is restored) only abstract.
         need_base_values = lora_cfg is not None or not restoring
