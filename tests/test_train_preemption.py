@@ -206,3 +206,29 @@ def test_ctrl_c_during_setup_exits_without_a_traceback(files):
     assert rc == 130, out
     assert "interrupted outside the training loop: nothing to save" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+
+
+def test_the_resume_command_keeps_every_flag_and_override():
+    from pdjax.train.cli import resume_command
+
+    assert resume_command(["--config", "c.yaml", "steps=600", "a.b=x y"]) == (
+        "python -m pdjax.train --config c.yaml --resume steps=600 'a.b=x y'"
+    )
+    assert resume_command(["--config=c.yaml"]) == "python -m pdjax.train --config=c.yaml --resume"
+    assert resume_command(["--resume", "steps=3"]) == "python -m pdjax.train --resume steps=3"
+
+
+def test_the_guard_turns_sigint_into_a_stop_request_and_restores_the_handlers():
+    from pdjax.train.preemption import Preemption
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with Preemption(log=None) as guard:
+        assert not guard.sync_point and not guard.should_stop(1)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+        deadline = time.monotonic() + 10
+        while guard.requested is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the watcher thread records it
+        assert guard.requested == signal.SIGINT and guard.reason == "SIGINT"
+        assert guard.should_stop(2)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
