@@ -8,9 +8,11 @@ from pdjax.eval.report import (
     WinRate,
     compare,
     read_annotations,
+    UnknownGenerators,
     summarize_speed,
+    unique_annotations,
     win_rate,
-    win_rates_by_generator,
+    win_rates_by_pair,
 )
 from pdjax.eval.runner import EvalModel, Replica, decode_prompts, default_model_path, load_eval_model
 from pdjax.eval.store import Assembly, FormatError, OutputStore, SettingsMismatch, read_outputs, write_outputs
@@ -28,6 +30,7 @@ __all__ = [
     "Replica",
     "SettingsMismatch",
     "SpeedSummary",
+    "UnknownGenerators",
     "WinRate",
     "compare",
     "decode_prompts",
@@ -41,7 +44,8 @@ __all__ = [
     "run_settings",
     "shard_of",
     "summarize_speed",
+    "unique_annotations",
     "win_rate",
-    "win_rates_by_generator",
+    "win_rates_by_pair",
     "write_outputs",
 ]

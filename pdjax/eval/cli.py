@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
@@ -211,7 +212,11 @@ def run_compare(args: argparse.Namespace) -> int:
         raise SystemExit("compare needs two or more outputs files")
     files = {path: read_outputs(path) for path in args.outputs}
     annotations = read_annotations(args.annotations) if args.annotations else []
-    rows, reference, paired = compare(files, reference=args.reference, annotations=annotations)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, reference, paired = compare(files, reference=args.reference, annotations=annotations)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     _console().print(compare_table(rows, reference, paired))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
