@@ -5,10 +5,10 @@ from pdjax.eval.prompts import ALPACA_EVAL, Prompt, PromptError, load_prompts, p
 from pdjax.eval.report import (
     CompareRow,
     SpeedSummary,
+    UnknownGenerators,
     WinRate,
     compare,
     read_annotations,
-    UnknownGenerators,
     summarize_speed,
     unique_annotations,
     win_rate,
