@@ -22,9 +22,11 @@ from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, Dec
 from pdjax.decode.cli import UserError, resolve_model
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
+from pdjax.model.tokenizer import TokenIdMismatch
 
 # Mistakes in what the user asked for: reported in one line, exit status 2.
-USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError, UserError)
+USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError, UserError,
+               TokenIdMismatch)
 
 # DecodeOptions field -> command-line flag (the released decoder's names where it has them)
 OPTION_FLAGS = {
