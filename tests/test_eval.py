@@ -240,6 +240,20 @@ def test_compare_table_against_hand_numbers(tmp_path, capsys):
     assert err.count("\n") == 1 and "PD-other" in err and "'AR', 'PD'" in err
 
 
+def test_outputs_of_earlier_versions_still_read(tmp_path, capsys):
+    """Files written with id lists as JSON lists (which alpaca_eval rejects) read as before; new files as strings."""
+    from pdjax.eval import write_outputs
+
+    rec = {"instruction": "a", "output": "x", "generator": "PD", "dataset": "d", "mode": "pd", "latency_s": 1.0,
+           "model_calls": 5, "tokens": 3, "batch_fill": 1, "token_ids": [4, 5, 6], "span_lengths": [2]}
+    old = _write(tmp_path / "old.json", [rec])
+    new = str(tmp_path / "new.json")
+    write_outputs(new, [rec])
+    assert json.load(open(new))[0]["token_ids"] == "4 5 6" and json.load(open(new))[0]["span_lengths"] == "2"
+    assert read_outputs(old) == read_outputs(new) == [rec]
+    assert main(["compare", old, new]) == 0
+
+
 def test_win_rate_matches_alpaca_eval_rules():
     w = win_rate([2.0, 2.0, 1.0, 1.5, float("nan"), 7, "x"])
     assert (w.n_total, w.n_wins, w.n_losses, w.n_draws) == (4, 2, 1, 1)
@@ -256,8 +270,15 @@ def test_prompts_from_json_list_and_errors(tmp_path):
 
 
 def test_every_decode_option_has_a_flag():
+    from pdjax.decode.dream import DreamOptions
+    from pdjax.eval.cli import DREAM_OPTION_FLAGS
+
     fields = set(DecodeOptions.__dataclass_fields__)
     assert set(OPTION_FLAGS) == fields
+    assert set(DreamOptions.__dataclass_fields__) - {"eps"} <= set(OPTION_FLAGS) | set(DREAM_OPTION_FLAGS)
+    dream = options_from_args(parser().parse_args(["generate", "--output", "o.json", "--mode", "dream", "--alg",
+                                                   "origin", "--alg_temp", "0.5", "--steps_ratio", "0.5"]))
+    assert (type(dream).__name__, dream.alg, dream.alg_temp, dream.steps_ratio) == ("DreamOptions", "origin", 0.5, 0.5)
     argv = ["generate", "--output", "o.json", "--steps_ratio", "0.5", "--confidence_threshold", "0.7",
             "--length_scale", "8", "--alg", "topk_margin", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "5",
             "--disable_block_sparsity", "--seed", "3", "--max_new_tokens", "64"]

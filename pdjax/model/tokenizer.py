@@ -59,14 +59,25 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
     path = str(path)
     if os.path.isdir(path) and _custom_tokenizer_class(path):
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from transformers import PreTrainedTokenizerFast
+        return _builtin_tokenizer(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:  # a Hub id whose tokenizer_config names remote code
+        if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+            raise
+        return _builtin_tokenizer(path)
 
-            return PreTrainedTokenizerFast.from_pretrained(path)
-        from transformers import Qwen2Tokenizer
 
+def _builtin_tokenizer(path: str) -> Any:
+    """The built-in tokenizer of a folder whose tokenizer class is remote code: tokenizer.json, else Qwen2's BPE."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(path)  # a Hub id with tokenizer.json
+    except (OSError, ValueError, TypeError):
         return Qwen2Tokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 @dataclasses.dataclass(frozen=True)
