@@ -2,10 +2,9 @@
 
     python -m pdjax.eval generate --mode pd --output pd.json [--model DIR] [--prompts alpaca_eval|FILE]
     python -m pdjax.eval generate --mode ar --output ar.json --model DIR_AR
+    python -m pdjax.eval generate --mode dream --output dream.json --model Dream-org/Dream-v0-Instruct-7B
     python -m pdjax.eval compare ar.json pd.json [--annotations annotations.json ...] [--reference ar.json]
     python -m pdjax.eval assemble pd.json      # after a multi-host run whose part files were copied together
-
-    python -m pdjax.eval generate --mode dream --output dream.json --model Dream-org/Dream-v0-Instruct-7B
 
 Judge the outputs with alpaca_eval (``alpaca_eval evaluate --model_outputs pd.json --reference_outputs ar.json``;
 the files are its format, as they are), then pass the annotations.json it writes to `compare`: one row per
