@@ -95,7 +95,11 @@ def clean_reference(token_ids: list[int], tokenizer) -> str:
 
 
 def test_outputs_file_is_alpaca_eval_format_with_honest_stats(pd_outputs, pd_model):
-    rows = json.load(open(pd_outputs))
+    raw = json.load(open(pd_outputs))
+    # alpaca_eval hashes every field of a record: scalars and strings only
+    assert all(v is None or isinstance(v, (str, int, float, bool)) for r in raw for v in r.values())
+    assert all(isinstance(r["token_ids"], str) and isinstance(r["span_lengths"], str) for r in raw)
+    rows = read_outputs(pd_outputs)  # the id lists come back as lists
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert [r["instruction"] for r in rows] == ["What is 12 plus 3?", "Name a day of the week.", "Hi"]
     assert [r["dataset"] for r in rows] == ["toy", "prompts", "prompts"]
@@ -202,19 +206,52 @@ def test_compare_table_against_hand_numbers(tmp_path, capsys):
     ann = [{"instruction": i, "output_1": "r", "generator_1": "gpt4", "output_2": "o", "generator_2": "PD",
             "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": p}
            for i, p in zip("abcdef", [2.0, 1.0, 1.5, 1.8, None, 0])]
-    ann += [{"generator_2": "AR", "preference": 2.0}, {"generator_2": "AR", "preference": 1.0}]
+    ann += [{"instruction": i, "generator_2": "AR", "preference": p} for i, p in (("a", 2.0), ("b", 1.0))]
+    # PD judged against AR too: its own row, never pooled with the judgements against gpt4
+    ann += [{"instruction": i, "output_1": "r", "generator_1": "AR", "output_2": "o", "generator_2": "PD",
+             "preference": p} for i, p in (("a", 1.0), ("b", 1.0), ("c", 2.0))]
     annotations = _write(tmp_path / "annotations.json", ann)
-    assert main(["compare", ar, pd, ref, "--annotations", annotations, "--json", str(tmp_path / "t.json")]) == 0
-    printed = capsys.readouterr().out
+    argv = ["compare", ar, pd, ref, "--annotations", annotations, annotations, "--json", str(tmp_path / "t.json")]
+    assert main(argv) == 0  # the same file twice: every judgement counts once
+    out = capsys.readouterr()
+    printed = out.out
+    assert "warning: 11 duplicate annotations" in out.err
     # paired on a, b: AR latency mean 3, calls mean 20; PD 1 and 5 -> 3.00x and 4.00x
     assert "3.00x" in printed and "4.00x" in printed
-    # PD preferences 2, 1, 1.5, 1.8, (None dropped), 0 -> 1.5: mean of 1, 0, .5, .8, .5 = 0.56
+    # PD vs gpt4: preferences 2, 1, 1.5, 1.8, (None dropped), 0 -> 1.5: mean of 1, 0, .5, .8, .5 = 0.56
     p = np.array([1.0, 0.0, 0.5, 0.8, 0.5])
     se = p.std(ddof=1) / np.sqrt(5) * 100
-    assert f"56.0 ± {se:.1f}" in printed and "50.0 ± 50.0" in printed
-    rows = {r["generator"]: r for r in json.load(open(tmp_path / "t.json"))["rows"]}
-    assert rows["PD"]["win"]["n_wins"] == 2 and rows["PD"]["win"]["n_draws"] == 2 and rows["PD"]["win"]["n_total"] == 5
-    assert rows["gpt4"]["speedup"] is None and rows["AR"]["speedup"] == 1.0
+    vs_ar = np.array([0.0, 0.0, 1.0])
+    se_ar = vs_ar.std(ddof=1) / np.sqrt(3) * 100
+    assert f"56.0 ± {se:.1f}" in printed and "50.0 ± 50.0" in printed and f"33.3 ± {se_ar:.1f}" in printed
+    rows = json.load(open(tmp_path / "t.json"))["rows"]
+    by_pair = {(r["generator"], r["judged_against"]): r for r in rows}
+    assert sorted(by_pair, key=str) == sorted([("AR", None), ("PD", "AR"), ("PD", "gpt4"), ("gpt4", None)], key=str)
+    assert by_pair[("PD", "gpt4")]["win"]["n_wins"] == 2 and by_pair[("PD", "gpt4")]["win"]["n_draws"] == 2
+    assert by_pair[("PD", "gpt4")]["win"]["n_total"] == 5 and by_pair[("PD", "AR")]["win"]["n_total"] == 3
+    assert by_pair[("PD", "AR")]["speedup"] == by_pair[("PD", "gpt4")]["speedup"] == 3.0
+    assert by_pair[("gpt4", None)]["speedup"] is None and by_pair[("AR", None)]["speedup"] == 1.0
+
+    # judgements of a model whose outputs are not compared: one line, exit 2, naming what was found
+    stray = _write(tmp_path / "stray.json", [{"instruction": "a", "generator_1": "AR", "generator_2": "PD-other",
+                                              "preference": 2.0}])
+    assert main(["compare", ar, pd, "--annotations", stray]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PD-other" in err and "'AR', 'PD'" in err
+
+
+def test_outputs_of_earlier_versions_still_read(tmp_path, capsys):
+    """Files written with id lists as JSON lists (which alpaca_eval rejects) read as before; new files as strings."""
+    from pdjax.eval import write_outputs
+
+    rec = {"instruction": "a", "output": "x", "generator": "PD", "dataset": "d", "mode": "pd", "latency_s": 1.0,
+           "model_calls": 5, "tokens": 3, "batch_fill": 1, "token_ids": [4, 5, 6], "span_lengths": [2]}
+    old = _write(tmp_path / "old.json", [rec])
+    new = str(tmp_path / "new.json")
+    write_outputs(new, [rec])
+    assert json.load(open(new))[0]["token_ids"] == "4 5 6" and json.load(open(new))[0]["span_lengths"] == "2"
+    assert read_outputs(old) == read_outputs(new) == [rec]
+    assert main(["compare", old, new]) == 0
 
 
 def test_win_rate_matches_alpaca_eval_rules():
@@ -233,8 +270,15 @@ def test_prompts_from_json_list_and_errors(tmp_path):
 
 
 def test_every_decode_option_has_a_flag():
+    from pdjax.decode.dream import DreamOptions
+    from pdjax.eval.cli import DREAM_OPTION_FLAGS
+
     fields = set(DecodeOptions.__dataclass_fields__)
     assert set(OPTION_FLAGS) == fields
+    assert set(DreamOptions.__dataclass_fields__) - {"eps"} <= set(OPTION_FLAGS) | set(DREAM_OPTION_FLAGS)
+    dream = options_from_args(parser().parse_args(["generate", "--output", "o.json", "--mode", "dream", "--alg",
+                                                   "origin", "--alg_temp", "0.5", "--steps_ratio", "0.5"]))
+    assert (type(dream).__name__, dream.alg, dream.alg_temp, dream.steps_ratio) == ("DreamOptions", "origin", 0.5, 0.5)
     argv = ["generate", "--output", "o.json", "--steps_ratio", "0.5", "--confidence_threshold", "0.7",
             "--length_scale", "8", "--alg", "topk_margin", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "5",
             "--disable_block_sparsity", "--seed", "3", "--max_new_tokens", "64"]
@@ -254,3 +298,113 @@ def test_diffusion_refuses_prompts_with_no_room_for_its_masks(pd_model, prompts,
     with pytest.raises(DecodeInputError, match=f"max_length >= {MAX_LENGTH + 1}"):
         generate_outputs(diffusion, prompts, str(files / "diffusion.json"), options=options)
     assert not any(f.endswith(".jsonl") for f in os.listdir(files / "diffusion.json.parts"))
+
+
+def _score(output: str) -> int:
+    import hashlib
+
+    return 1 + int(hashlib.sha256(output.encode()).hexdigest()[:8], 16)
+
+
+def _judge_logprobs(prompt: str) -> dict[str, float]:
+    """The fake judge: log-probabilities of the identifiers "m" (output_1) and "M" (output_2) in alpaca_eval's
+    weighted GPT-4-turbo prompt. Each output scores a number from its SHA-256; P(m) = score_m / (score_m + score_M),
+    so the verdict is deterministic, fractional, and independent of the order alpaca_eval randomises."""
+    import re
+
+    outputs = dict(re.findall(r'"model_identifier": "(m|M)",\s*"output": """(.*?)"""', prompt, re.S))
+    score = {k: _score(v) for k, v in outputs.items()}
+    total = score["m"] + score["M"]
+    return {k: math.log(v / total) for k, v in score.items()}
+
+
+@pytest.fixture
+def fake_openai_judge():
+    """An OpenAI-compatible chat-completions server on 127.0.0.1 answering with `_preferred` (stopped after)."""
+    import http.server
+    import threading
+
+    calls = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the stdlib's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = "\n".join(str(m["content"]) for m in body["messages"])
+            calls.append(prompt)
+            lp = _judge_logprobs(prompt)
+            top = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in sorted(lp.items(), key=lambda x: -x[1])]
+            answer = {"id": f"fake-{len(calls)}", "object": "chat.completion", "created": 0, "model": body["model"],
+                      "choices": [{"index": 0, "finish_reason": "length",
+                                   "message": {"role": "assistant", "content": top[0]["token"]},
+                                   "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}],
+                      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", calls
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_alpaca_eval_judges_our_outputs_and_compare_agrees(pd_model, prompts, pd_outputs, files, fake_openai_judge):
+    """alpaca_eval's real `evaluate` on pdjax outputs files, its judge a local OpenAI-compatible fake (no network)."""
+    pytest.importorskip("alpaca_eval")
+    import alpaca_eval
+    import yaml
+    from alpaca_eval import constants
+    from alpaca_eval.metrics import pairwise_to_winrate
+
+    base_url, calls = fake_openai_judge
+    ref_out = str(files / "pd_sampled.json")  # a second generator on the same prompts (no recompilation)
+    generate_outputs(pd_model, prompts, ref_out, options=DecodeOptions(temperature=1.0, top_p=None, seed=7),
+                     generator="tiny-pd-sampled")
+    judge_dir = files / "fake_judge"
+    judge_dir.mkdir()
+    clients = judge_dir / "clients.yaml"  # alpaca_eval's client config: the fake server, bounded waits
+    clients.write_text(yaml.safe_dump({"default": [{"api_key": "fake", "base_url": base_url, "timeout": 30,
+                                                    "max_retries": 0}]}))
+    # AlpacaEval 2's default judge, weighted_alpaca_eval_gpt4_turbo, as shipped, its client pointed at the fake
+    shipped = constants.EVALUATORS_CONFIG_DIR / "weighted_alpaca_eval_gpt4_turbo"
+    config = yaml.safe_load((shipped / "configs.yaml").read_text())["weighted_alpaca_eval_gpt4_turbo"]
+    config["prompt_template"] = str(constants.EVALUATORS_CONFIG_DIR / config["prompt_template"])
+    config["completions_kwargs"].update(client_config_path=str(clients), num_procs=1, n_retries=1)
+    (judge_dir / "configs.yaml").write_text(yaml.safe_dump({"weighted_alpaca_eval_gpt4_turbo": config}))
+    results = files / "alpaca_eval_results"
+    leaderboard, _ = alpaca_eval.evaluate(
+        model_outputs=pd_outputs, reference_outputs=ref_out, annotators_config=str(judge_dir / "configs.yaml"),
+        output_path=str(results), precomputed_leaderboard=None, fn_metric="get_winrate", sort_by="win_rate",
+        is_return_instead_of_print=True, caching_path=None,
+    )
+    annotations = json.load(open(results / "annotations.json"))
+    assert len(annotations) == 3 and len(calls) == sum(a["output_1"] != a["output_2"] for a in annotations) > 0
+    assert {a["annotator"] for a in annotations} == {"weighted_alpaca_eval_gpt4_turbo"}
+    assert {(a["generator_1"], a["generator_2"]) for a in annotations} == {("tiny-pd-sampled", "tiny-pd")}
+    judged = [a for a in annotations if a["output_1"] != a["output_2"]]
+    for a in judged:  # alpaca_eval read the fake judge's verdicts: preference = 1 + P(output_2 is better)
+        s1, s2 = _score(a["output_1"]), _score(a["output_2"])
+        assert math.isclose(a["preference"], 1 + s2 / (s1 + s2), rel_tol=1e-6)
+    expected = pairwise_to_winrate([a["preference"] for a in annotations])
+    assert math.isclose(leaderboard.loc["tiny-pd", "win_rate"], expected["win_rate"])
+
+    table = str(files / "judged.json")
+    argv = ["compare", pd_outputs, ref_out, "--annotations", str(results / "annotations.json"), "--json", table]
+    assert main(argv) == 0
+    (row,) = [r for r in json.load(open(table))["rows"] if r["win"] is not None]
+    assert (row["generator"], row["judged_against"]) == ("tiny-pd", "tiny-pd-sampled")
+    assert math.isclose(row["win"]["win_rate"], expected["win_rate"], abs_tol=1e-9)
+    assert row["win"]["n_total"] == expected["n_total"] == 3
+    assert (row["win"]["n_wins"], row["win"]["n_draws"]) == (expected["n_wins"], expected["n_draws"])
+    assert math.isclose(row["win"]["standard_error"], expected["standard_error"], rel_tol=1e-9)

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--no_chat_template", action="store_true",
                      help="tokenize prompts as-is instead of the chat template with the system prompt")
     dec = p.add_argument_group("decoding")
-    dec.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd",
+    dec.add_argument("--mode", choices=("pd", "ar", "diffusion", "dream"), default="pd",
                      help="pd: planned diffusion; ar: causal decoding with KV cache (needs only an eos token); "
-                     "diffusion: Dream diffusion over max_length - prompt masks (default: pd)")
+                     "diffusion: Dream diffusion over max_length - prompt masks; dream: Dream's own "
+                     "diffusion_generate (full bidirectional attention, no cache; pdjax/decode/dream.py) (default: pd)")
     dec.add_argument("--max_length", type=int, default=2048,
                      help="prompt + response tokens. A promise whose span does not fit is shortened to the room "
                      "left (spans keep their length in promise order while it lasts); if not even its tags fit, "
@@ -57,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "probability is >= this (ranked by probability; --alg is then unused)")
     dec.add_argument("--length_scale", type=float, default=10.0,
                      help="mask slots per unit of a promise's stated length (default: 10)")
-    dec.add_argument("--alg", choices=("entropy", "maskgit_plus", "topk_margin"), default="entropy",
-                     help="confidence that ranks masks for unmasking (default: entropy)")
+    dec.add_argument("--alg", choices=("entropy", "maskgit_plus", "topk_margin", "origin"), default="entropy",
+                     help="confidence that ranks masks for unmasking; origin (mode dream only): each mask moves "
+                     "with probability 1 - s/t (default: entropy)")
+    dec.add_argument("--alg_temp", type=float, default=0.0,
+                     help="mode dream: > 0 draws the positions to unmask from softmax(confidence / alg_temp)")
     dec.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default: 0.2)")
     dec.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling, 1 = off (default: 0.95)")
     dec.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (default: off)")
@@ -229,6 +233,10 @@ def _run(args: argparse.Namespace) -> int:
     from pdjax.decode.decoder import DecodeOptions
     from pdjax.model.tokenizer import chat_prompt_ids
 
+    if args.mode == "dream":  # Dream's own sampler: pdjax/decode/dream.py
+        from pdjax.decode.dream import run_decode_cli
+
+        return run_decode_cli(args)
     prompts = read_prompts(args)
     try:
         options = DecodeOptions(

@@ -5,12 +5,14 @@ from pdjax.eval.prompts import ALPACA_EVAL, Prompt, PromptError, load_prompts, p
 from pdjax.eval.report import (
     CompareRow,
     SpeedSummary,
+    UnknownGenerators,
     WinRate,
     compare,
     read_annotations,
     summarize_speed,
+    unique_annotations,
     win_rate,
-    win_rates_by_generator,
+    win_rates_by_pair,
 )
 from pdjax.eval.runner import EvalModel, Replica, decode_prompts, default_model_path, load_eval_model
 from pdjax.eval.store import Assembly, FormatError, OutputStore, SettingsMismatch, read_outputs, write_outputs
@@ -28,6 +30,7 @@ __all__ = [
     "Replica",
     "SettingsMismatch",
     "SpeedSummary",
+    "UnknownGenerators",
     "WinRate",
     "compare",
     "decode_prompts",
@@ -41,7 +44,8 @@ __all__ = [
     "run_settings",
     "shard_of",
     "summarize_speed",
+    "unique_annotations",
     "win_rate",
-    "win_rates_by_generator",
+    "win_rates_by_pair",
     "write_outputs",
 ]

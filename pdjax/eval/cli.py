@@ -2,11 +2,13 @@
 
     python -m pdjax.eval generate --mode pd --output pd.json [--model DIR] [--prompts alpaca_eval|FILE]
     python -m pdjax.eval generate --mode ar --output ar.json --model DIR_AR
+    python -m pdjax.eval generate --mode dream --output dream.json --model Dream-org/Dream-v0-Instruct-7B
     python -m pdjax.eval compare ar.json pd.json [--annotations annotations.json ...] [--reference ar.json]
     python -m pdjax.eval assemble pd.json      # after a multi-host run whose part files were copied together
 
-Judge the outputs with alpaca_eval (``alpaca_eval evaluate --model_outputs pd.json``),
-then pass the annotations.json it writes to `compare` for win rates.
+Judge the outputs with alpaca_eval (``alpaca_eval evaluate --model_outputs pd.json --reference_outputs ar.json``;
+the files are its format, as they are), then pass the annotations.json it writes to `compare`: one row per
+(model, judge reference) pair, repeated judgements counted once.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
 from pdjax.decode.cli import UserError, resolve_model
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
+from pdjax.model.tokenizer import TokenIdMismatch
 
 # Mistakes in what the user asked for: reported in one line, exit status 2.
-USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError, UserError)
+USER_ERRORS = (DecodeInputError, PromptError, FormatError, SettingsMismatch, FileNotFoundError, UserError,
+               TokenIdMismatch)
 
 # DecodeOptions field -> command-line flag (the released decoder's names where it has them)
 OPTION_FLAGS = {
@@ -38,13 +43,16 @@ OPTION_FLAGS = {
     "seed": "--seed",
     "max_new_tokens": "--max_new_tokens",
 }
+# DreamOptions fields beyond DecodeOptions' (eps stays Dream's 1e-3)
+DREAM_OPTION_FLAGS = {"alg_temp": "--alg_temp"}
 
 
 def _add_generate(sub: Any) -> None:
     d = DecodeOptions()
     g = sub.add_parser("generate", help="answer prompts into an alpaca_eval outputs file (resumable)")
     g.add_argument("--output", required=True, help="outputs JSON; part files go to OUTPUT.parts/")
-    g.add_argument("--mode", choices=DECODE_MODES, default="pd")
+    g.add_argument("--mode", choices=(*DECODE_MODES, "dream"), default="pd",
+                   help="pd, ar, diffusion (pdjax's decoder), or dream: Dream's own diffusion_generate")
     g.add_argument("--model", default=None, help="an HF-layout folder or a Hugging Face id (ORG/NAME); default: "
                                                  "the shipped default model of --mode")
     g.add_argument("--prompts", default="alpaca_eval",
@@ -69,7 +77,9 @@ def _add_generate(sub: Any) -> None:
     k.add_argument("--steps_ratio", type=float, default=d.steps_ratio)
     k.add_argument("--confidence_threshold", type=float, default=d.confidence_threshold)
     k.add_argument("--length_scale", type=float, default=d.length_scale)
-    k.add_argument("--alg", choices=ALGS, default=d.alg)
+    k.add_argument("--alg", choices=(*ALGS, "origin"), default=d.alg, help="origin: mode dream only")
+    k.add_argument("--alg_temp", type=float, default=0.0,
+                   help="mode dream: > 0 draws the positions to unmask from softmax(confidence / alg_temp)")
     k.add_argument("--temperature", type=float, default=d.temperature)
     k.add_argument("--top_p", type=float, default=d.top_p, help="1.0 turns it off")
     k.add_argument("--top_k", type=int, default=d.top_k, help="0 turns it off")
@@ -109,8 +119,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> DecodeOptions:
-    """The DecodeOptions the flags name."""
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The options the flags name: `DecodeOptions`, or `DreamOptions` in mode dream."""
+    if getattr(args, "mode", None) == "dream":
+        from pdjax.decode.dream import DreamOptions
+
+        return DreamOptions(steps_ratio=args.steps_ratio, alg=args.alg, alg_temp=args.alg_temp,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
+                            seed=args.seed, max_new_tokens=args.max_new_tokens)
     return DecodeOptions(
         steps_ratio=args.steps_ratio,
         confidence_threshold=args.confidence_threshold,
@@ -127,14 +143,16 @@ def options_from_args(args: argparse.Namespace) -> DecodeOptions:
 
 def default_generator(model_name: str, mode: str, options: DecodeOptions) -> str:
     """A generator name that tells runs apart: model, mode, and the knobs of the diffusion part."""
-    name = "default" if model_name == mode else model_name
+    name = "default" if model_name == ("diffusion" if mode == "dream" else mode) else model_name
     parts = [f"pdjax-{name}-{mode}"]
     if mode != "ar":
         parts.append(f"sr{options.steps_ratio:g}")
-        if options.confidence_threshold is not None:
+        if getattr(options, "confidence_threshold", None) is not None:
             parts.append(f"tau{options.confidence_threshold:g}")
-        if options.dense and mode == "pd":
+        if mode == "pd" and options.dense:
             parts.append("dense")
+        if mode == "dream":
+            parts.append(options.alg)
     return "-".join(parts)
 
 
@@ -158,13 +176,23 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit("--shard_index and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
         raise SystemExit(f"--shard_index must be in [0, {args.num_shards})")
-    options = options_from_args(args)
-    model_path = resolve_model(args.model) if args.model else default_model_path(args.mode)
+    try:
+        options = options_from_args(args)
+    except ValueError as e:  # knobs out of range, an alg the mode lacks
+        raise UserError(str(e)) from None
+    # mode dream without --model: the shipped diffusion-only model (a Dream-layout checkpoint)
+    model_path = resolve_model(args.model) if args.model else default_model_path(
+        "diffusion" if args.mode == "dream" else args.mode)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise UserError(f"no model at {model_path}: pass --model DIR (an HF-layout folder) or ORG/NAME (a Hub id)")
     buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
-    config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
-                          max_spans=args.max_spans, buckets=buckets)
+    if args.mode == "dream":
+        from pdjax.decode.dream import DreamSamplerConfig
+
+        config = DreamSamplerConfig(max_length=args.max_length, batch_size=args.batch_size, buckets=buckets)
+    else:
+        config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
+                              max_spans=args.max_spans, buckets=buckets)
     prompts = load_prompts(args.prompts, args.num_samples)
     model = load_eval_model(model_path, config, chat_template=not args.no_chat_template,
                             system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl)
@@ -211,7 +239,11 @@ def run_compare(args: argparse.Namespace) -> int:
         raise SystemExit("compare needs two or more outputs files")
     files = {path: read_outputs(path) for path in args.outputs}
     annotations = read_annotations(args.annotations) if args.annotations else []
-    rows, reference, paired = compare(files, reference=args.reference, annotations=annotations)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, reference, paired = compare(files, reference=args.reference, annotations=annotations)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     _console().print(compare_table(rows, reference, paired))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

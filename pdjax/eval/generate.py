@@ -34,7 +34,7 @@ def run_settings(model: EvalModel, prompts: Sequence[Prompt], options: DecodeOpt
         "options": dataclasses.asdict(options),
         "max_length": c.max_length,
         "batch_size": c.batch_size,
-        "max_spans": c.max_spans,
+        "max_spans": getattr(c, "max_spans", None),  # mode dream has no spans
         "buckets": list(c.buckets),
         "chat_template": model.chat_template,
         "system_prompt": model.system_prompt,

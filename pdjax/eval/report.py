@@ -9,13 +9,20 @@ batch's wall time, shared by ``batch_fill`` records).
 
 Win rates come from alpaca_eval's annotations file (``annotations.json`` of
 ``alpaca_eval evaluate``): a JSON list with, per judged pair, ``generator_2``
-(the evaluated model; its output is ``output_2``, the reference's is
-``output_1``) and ``preference`` in [1, 2] (1: the reference wins, 2: the
-model wins, 1.5 or the legacy 0: a draw; missing or out-of-range values are
-not counted). As alpaca_eval computes it, win rate = 100 * mean(preference - 1)
-and its standard error = 100 * sample std / sqrt(n); wins and losses are
-preference > 1.5 and < 1.5. The length-controlled win rate needs alpaca_eval's
-own regression and is not recomputed here.
+(the evaluated model; its output is ``output_2``), ``generator_1`` (the
+reference it was judged against; its output is ``output_1``) and
+``preference`` in [1, 2] (1: the reference wins, 2: the model wins, 1.5 or the
+legacy 0: a draw; missing or out-of-range values are not counted). As
+alpaca_eval computes it (``pairwise_to_winrate``), win rate = 100 *
+mean(preference - 1) and its standard error = 100 * sample std / sqrt(n); wins
+and losses are preference > 1.5 and < 1.5. The length-controlled win rate
+needs alpaca_eval's own regression and is not recomputed here.
+
+Win rates are kept per (model, reference) pair: a model judged against two
+references gets two rows, never one pooled number. The same judgement read
+twice (same instruction, outputs and generators, e.g. one annotations file
+passed twice) counts once. Every judged model must have its outputs file
+among those compared (its speed is in the same row).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import dataclasses
 import json
 import math
 import statistics
+import warnings
 from typing import Any, Mapping, Sequence
 
 from pdjax.eval.store import FormatError
@@ -129,12 +137,37 @@ def read_annotations(paths: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def win_rates_by_generator(annotations: Sequence[Mapping[str, Any]]) -> dict[str, WinRate]:
-    """Win rate of every evaluated generator (``generator_2``) in the annotations."""
-    prefs: dict[str, list[Any]] = collections.defaultdict(list)
+class UnknownGenerators(FormatError):
+    """Annotations judge a model that none of the compared outputs files holds."""
+
+
+Pair = tuple[str, str | None]  # (model = generator_2, reference = generator_1; None when not recorded)
+
+
+def _pair(row: Mapping[str, Any]) -> Pair:
+    ref = row.get("generator_1")
+    return str(row["generator_2"]), None if ref is None else str(ref)
+
+
+def unique_annotations(annotations: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+    """The annotations with repeats of one judgement (same instruction, outputs and generators) dropped,
+    and how many were dropped (the first occurrence is kept)."""
+    seen: set[tuple[Any, ...]] = set()
+    kept: list[Mapping[str, Any]] = []
     for row in annotations:
-        prefs[str(row["generator_2"])].append(row["preference"])
-    return {g: w for g, p in prefs.items() if (w := win_rate(p)) is not None}
+        key = tuple(str(row.get(k)) for k in ("instruction", "output_1", "output_2", "generator_1", "generator_2"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept, len(annotations) - len(kept)
+
+
+def win_rates_by_pair(annotations: Sequence[Mapping[str, Any]]) -> dict[Pair, WinRate]:
+    """Win rate of every (model, reference) pair (``generator_2``, ``generator_1``) in the annotations."""
+    prefs: dict[Pair, list[Any]] = collections.defaultdict(list)
+    for row in annotations:
+        prefs[_pair(row)].append(row["preference"])
+    return {pair: w for pair, p in prefs.items() if (w := win_rate(p)) is not None}
 
 
 # ---- compare ---------------------------------------------------------------------------------
@@ -151,6 +184,7 @@ class CompareRow:
     speedup: float | None  # reference mean latency / this mean latency
     critical_path_ratio: float | None  # reference mean model calls / this mean model calls
     win: WinRate | None
+    judged_against: str | None = None  # the judge's reference (generator_1) of `win`
 
 
 def generator_of(records: Sequence[Mapping[str, Any]], path: str) -> str:
@@ -191,11 +225,28 @@ def pick_reference(files: Mapping[str, Sequence[Mapping[str, Any]]], reference: 
 
 def compare(files: Mapping[str, Sequence[Mapping[str, Any]]], *, reference: str | None = None,
             annotations: Sequence[Mapping[str, Any]] = ()) -> tuple[list[CompareRow], str | None, int]:
-    """The rows of the speed-quality table, the reference file, and how many paired instructions the speed uses."""
+    """The rows of the speed-quality table, the reference file, and how many paired instructions the speed uses.
+
+    One row per outputs file without judgements, else one per (model, judge reference) pair. Repeated
+    judgements count once (a `UserWarning` says how many were dropped); a judged model with no outputs
+    file raises `UnknownGenerators`.
+    """
+    annotations, duplicates = unique_annotations(annotations)
+    if duplicates:
+        warnings.warn(f"{duplicates} duplicate annotations (same instruction, outputs and generators) counted once",
+                      stacklevel=2)
     reference = pick_reference(files, reference)
     timed = {p: _keyed(recs) for p, recs in files.items() if is_timed(recs)}
     common = set.intersection(*(set(k) for k in timed.values())) if timed else set()
-    wins = win_rates_by_generator(annotations)
+    wins = win_rates_by_pair(annotations)
+    generators = {path: generator_of(recs, path) for path, recs in files.items()}
+    unknown = sorted({model for model, _ in wins} - set(generators.values()))
+    if unknown:
+        raise UnknownGenerators(
+            f"the annotations judge {unknown}, which no outputs file holds (the outputs files hold "
+            f"{sorted(set(generators.values()))}; the annotations judge {sorted({m for m, _ in wins})}): pass the "
+            "outputs file of every judged model"
+        )
     speed = {p: summarize_speed([keyed[k] for k in sorted(common)]) for p, keyed in timed.items()}
     ref = speed.get(reference) if reference is not None else None
     rows = []
@@ -205,8 +256,11 @@ def compare(files: Mapping[str, Sequence[Mapping[str, Any]]], *, reference: str 
         if ref is not None and path in speed and s.latency_mean and s.calls_mean:
             speedup = ref.latency_mean / s.latency_mean
             cp = ref.calls_mean / s.calls_mean
-        gen = generator_of(recs, path)
-        rows.append(CompareRow(path, gen, mode_of(recs), s, speedup, cp, wins.get(gen)))
+        gen = generators[path]
+        judged = sorted(((against, w) for (model, against), w in wins.items() if model == gen),
+                        key=lambda x: str(x[0]))
+        for against, w in judged or [(None, None)]:
+            rows.append(CompareRow(path, gen, mode_of(recs), s, speedup, cp, w, against))
     return rows, reference, len(common)
 
 
@@ -247,13 +301,15 @@ def compare_table(rows: Sequence[CompareRow], reference: str | None, paired: int
                "no AR reference (pass --reference FILE, or one timed file with mode \"ar\"): no ratios")
     t = Table(title="speed and quality", caption=caption)
     for col in ("generator", "mode", "latency mean (s)", "speedup vs AR", "model calls mean",
-                "critical path vs AR", "tokens mean", "tokens/s", "win rate", "judged"):
-        t.add_column(col, justify="left" if col in ("generator", "mode") else "right", no_wrap=col == "generator")
+                "critical path vs AR", "tokens mean", "tokens/s", "judged against", "win rate", "judged"):
+        t.add_column(col, justify="left" if col in ("generator", "mode", "judged against") else "right",
+                     no_wrap=col in ("generator", "judged against"))
     for r in rows:
         s = r.speed
         win = "-" if r.win is None else (
             f"{r.win.win_rate:.1f}" + ("" if r.win.standard_error is None else f" ± {r.win.standard_error:.1f}"))
         t.add_row(r.generator, r.mode or "-", _fmt(s.latency_mean, ".3f"), _fmt(r.speedup, ".2f", "x"),
                   _fmt(s.calls_mean, ".1f"), _fmt(r.critical_path_ratio, ".2f", "x"), _fmt(s.tokens_mean, ".1f"),
-                  _fmt(s.tokens_per_s, ".1f"), win, "-" if r.win is None else str(r.win.n_total))
+                  _fmt(s.tokens_per_s, ".1f"), "-" if r.win is None else (r.judged_against or "?"), win,
+                  "-" if r.win is None else str(r.win.n_total))
     return t

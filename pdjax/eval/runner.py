@@ -37,8 +37,8 @@ def default_model_path(mode: str) -> str:
 class EvalModel:
     """A model, its tokenizer, its control ids, and its decoder (compiled on first use)."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: DecodeConfig, *, chat_template: bool = True,
-                 system_prompt: str | None = None, name: str = "model"):
+    def __init__(self, model: Any, tokenizer: Any, config: DecodeConfig | Any, *, chat_template: bool = True,
+                 system_prompt: str | None = None, name: str = "model", special: Any = None):
         from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
 
         self.model = model
@@ -50,7 +50,12 @@ class EvalModel:
         self.forward = model_forward(model)  # split once; replicas copy these parameters to their devices
         self.ids = self._control_ids()
         self.eos_id = self.ids.eos if self.ids is not None else _eos_id(tokenizer)
-        self.decoder = Decoder(self.forward, eos_id=self.eos_id, ids=self.ids, config=config)
+        if self.mode == "dream":  # Dream's own sampler (config: a DreamSamplerConfig; special: SpecialIds)
+            from pdjax.decode.dream import dream_decoder
+
+            self.decoder = dream_decoder(self.forward, tokenizer, config, self.ids, self.eos_id, special)
+        else:
+            self.decoder = Decoder(self.forward, eos_id=self.eos_id, ids=self.ids, config=config)
         self._warm: set[str] = set()  # devices the decoder has run on
 
     @property
@@ -63,7 +68,7 @@ class EvalModel:
         try:
             return control_ids(self.tokenizer)
         except MissingControlTokens:
-            if self.mode != "ar":  # AR decoding of a plain checkpoint needs only its eos
+            if self.mode not in ("ar", "dream"):  # AR and Dream decoding of a plain checkpoint need only its eos
                 raise
             return None
 
@@ -77,6 +82,9 @@ class EvalModel:
     def check(self, prompt: Prompt, prompt_ids: Sequence[int], options: DecodeOptions) -> None:
         """Raise `DecodeInputError` if the prompt cannot be answered as asked (too long, or, in diffusion
         mode, too long for ``options.max_new_tokens`` masks under ``max_length``)."""
+        if self.mode == "dream":
+            self.decoder.check_prompt(prompt_ids, prompt.index, options.max_new_tokens)
+            return
         self.decoder.check_prompt(prompt_ids, prompt.index)
         new = options.max_new_tokens
         if self.mode == "diffusion" and new is not None and len(prompt_ids) + new > self.config.max_length:
@@ -87,6 +95,10 @@ class EvalModel:
 
     def text(self, token_ids: Sequence[int]) -> str:
         """The clean answer: plan, tags, [PAD] and everything from `<|im_end|>` on removed."""
+        if self.mode == "dream":  # read up to the first eos
+            from pdjax.decode.dream import answer_text
+
+            return answer_text(self.tokenizer, token_ids, self.decoder.eos_ids).strip()
         if self.ids is not None:
             tokens = [int(t) for t in clean_tokens(token_ids, self.ids)]
         else:
@@ -99,7 +111,7 @@ def load_eval_model(path: str, config: DecodeConfig, *, chat_template: bool = Tr
                     dtype: str | None = None, attention_impl: str | None = None) -> EvalModel:
     """An `EvalModel` from a Hugging Face folder (config.json, safetensors, tokenizer files)."""
     from pdjax.model import load_pretrained
-    from pdjax.model.tokenizer import load_tokenizer
+    from pdjax.model.tokenizer import load_tokenizer, special_ids
 
     overrides: dict[str, Any] = {}
     if attention_impl is not None:
@@ -108,8 +120,10 @@ def load_eval_model(path: str, config: DecodeConfig, *, chat_template: bool = Tr
         overrides.update(dtype=dtype, param_dtype=dtype)
     model = load_pretrained(path, **overrides)
     name = os.path.basename(os.path.normpath(path))
-    return EvalModel(model, load_tokenizer(path), config, chat_template=chat_template, system_prompt=system_prompt,
-                     name=name)
+    tokenizer = load_tokenizer(path)
+    special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer
+    return EvalModel(model, tokenizer, config, chat_template=chat_template, system_prompt=system_prompt,
+                     name=name, special=special)
 
 
 def record(prompt: Prompt, prompt_ids: Sequence[int], result: DecodeResult, text: str, *, generator: str,

@@ -8,6 +8,14 @@ rest; a line cut short by a crash is dropped (and cut off before appending),
 so no finished sample is lost or written twice. ``OUT.json`` is written once
 every index is present: alpaca_eval's outputs format, a JSON list in prompt
 order, one record per line.
+
+alpaca_eval drops duplicate rows by hashing every field, so a list-valued field
+stops it ("unhashable type: 'list'"). ``OUT.json`` therefore holds scalars and
+strings only: the per-sample id lists (``token_ids``, ``span_lengths``) are
+written as space-separated strings ("12 7 9") and `read_outputs` turns them
+back into lists; any other non-scalar value is written as its JSON text.
+Outputs written before this (with JSON lists) are still read; `assemble`
+rewrites them from their part files in the new form.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import threading
 from typing import Any, Iterable, Mapping, Sequence
 
 RUN_FILE = "run.json"
+ID_LIST_FIELDS = ("token_ids", "span_lengths")  # list[int] in memory, "1 2 3" in OUT.json
 
 
 class FormatError(ValueError):
@@ -164,22 +173,52 @@ def clear_output(output: str) -> None:
         os.remove(output)
 
 
+def alpaca_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """`record` with scalar or string values only (what alpaca_eval can hash): id lists as "1 2 3", other
+    lists and dicts as JSON text."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in ID_LIST_FIELDS and isinstance(value, (list, tuple)):
+            value = " ".join(str(int(v)) for v in value)
+        elif isinstance(value, (list, tuple, dict)):
+            value = json.dumps(value, ensure_ascii=False)
+        out[key] = value
+    return out
+
+
+def _from_alpaca(record: dict[str, Any], path: str) -> dict[str, Any]:
+    for key in ID_LIST_FIELDS:
+        value = record.get(key)
+        if isinstance(value, str):
+            try:
+                record[key] = [int(v) for v in value.split()]
+            except ValueError as e:
+                raise FormatError(f"{path}: `{key}` of record {record.get('index')} is not space-separated ids") from e
+    return record
+
+
 def write_outputs(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """A JSON list with one record per line, written atomically."""
+    """A JSON list with one record per line (scalars and strings only, see `alpaca_record`), written atomically."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
+        f.write("[\n" + ",\n".join(json.dumps(alpaca_record(r), ensure_ascii=False) for r in records) + "\n]\n")
     os.replace(tmp, path)
 
 
 def read_outputs(path: str) -> list[dict[str, Any]]:
-    """Records of an outputs file: a JSON list (alpaca_eval's format) or JSONL."""
+    """Records of an outputs file: a JSON list (alpaca_eval's format) or JSONL; id lists come back as lists.
+
+    Files of earlier pdjax versions (id lists stored as JSON lists) read the same.
+    """
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path} is not JSON or JSONL ({e})") from e
     if not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
         raise FormatError(f"{path} is not an outputs file: every record needs `instruction` and `output`")
-    return rows
+    return [_from_alpaca(r, path) for r in rows]

@@ -312,11 +312,15 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     dtype: Any = None,
 ) -> list[str]:
-    """Write config.json, safetensors shards (+ index when more than one) and tokenizer files to `path`.
+    """Write a complete Hugging Face folder: config.json, safetensors shards (+ index when more than one),
+    generation_config.json and the tokenizer files.
 
     Tensors keep the parameters' dtype unless ``dtype`` is given. A config read
     from a Dream-style config.json is written back in that style, with the
-    remote-code files its ``auto_map`` names copied from the source folder.
+    remote-code files its ``auto_map`` names (and the source folder's other .py
+    files) copied, so Dream's own loader reads the result. generation_config.json
+    is the source folder's, else one written for the model family. Tokenizer
+    files come from ``tokenizer`` if given, else from the source folder.
     In multi-host runs every process must call this; process 0 writes.
     Returns the written weight file names.
     """
@@ -359,19 +363,89 @@ def save_pretrained(
         with open(os.path.join(path, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
     saved_dtype = out_dtype if out_dtype is not None else model.config.param_dtype
+    hf_config = model.config.to_hf_dict(saved_dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_hf_dict(saved_dtype), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     _copy_remote_code(model.config, path)
+    _write_generation_config(model.config, hf_config, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    else:
+        _copy_tokenizer_files(model.config, path)
     return names
 
 
-def _copy_remote_code(config: DreamConfig, path: str) -> None:
-    """Copy the source folder's Python files (Dream's remote code) so that ``auto_map`` loading keeps working."""
+# Files of a tokenizer (transformers' fast and slow layouts, the chat template); remote-code .py files travel
+# with `_copy_remote_code`.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+GENERATION_CONFIG = "generation_config.json"
+# Dream's `diffusion_generate` defaults, as in the released Dream-v0 generation_config.json (ids added from config.json).
+DREAM_GENERATION_DEFAULTS = {"alg": "origin", "alg_temp": None, "eps": 0.001, "steps": 512, "max_length": 20,
+                             "temperature": 0.0, "top_p": None, "top_k": None, "output_history": False,
+                             "return_dict_in_generate": False}
+
+
+def _source_dir(config: DreamConfig, path: str) -> str | None:
+    """The folder the config was read from, unless it is `path` itself (nothing to copy then)."""
     source = config.hf_source_dir
-    if not config.is_dream_style or not source or os.path.abspath(source) == os.path.abspath(path):
+    if not source or not os.path.isdir(source) or os.path.abspath(source) == os.path.abspath(path):
+        return None
+    return source
+
+
+def auto_map_modules(config_json: Mapping[str, Any]) -> list[str]:
+    """The .py files an ``auto_map`` names ("modeling_dream.DreamModel" -> modeling_dream.py; a
+    "repo--module.Class" reference names module.py; a tokenizer entry may be a [slow, fast] pair)."""
+    names: list[str] = []
+    for ref in dict(config_json.get("auto_map") or {}).values():
+        for item in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if isinstance(item, str) and "." in item:
+                names.append(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(set(names))
+
+
+def _copy_remote_code(config: DreamConfig, path: str) -> None:
+    """Copy the source folder's Python files (Dream's remote code: those ``auto_map`` names and the modules they
+    import, such as generation_utils.py) so that Dream's own loader keeps working on the saved folder."""
+    source = _source_dir(config, path)
+    if not config.is_dream_style or source is None:
         return
     for name in sorted(os.listdir(source)):
         if name.endswith(".py"):
             shutil.copy2(os.path.join(source, name), os.path.join(path, name))
+    missing = [m for m in auto_map_modules(config.hf_source or {}) if not os.path.exists(os.path.join(path, m))]
+    if missing:
+        import warnings
+
+        warnings.warn(f"config.json's auto_map names {missing}, which {source} does not hold: Dream's own loader "
+                      f"(trust_remote_code) will not load {path} until they are added", stacklevel=3)
+
+
+def _copy_tokenizer_files(config: DreamConfig, path: str) -> None:
+    """Copy the tokenizer files of the source folder (when no tokenizer object was given to save)."""
+    source = _source_dir(config, path)
+    if source is None:
+        return
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(path, name))
+
+
+def _write_generation_config(config: DreamConfig, hf_config: Mapping[str, Any], path: str) -> None:
+    """generation_config.json: the source folder's, else one for the model family (Dream's sampler defaults
+    for a Dream-style config; the token ids for Qwen2). Dream's `from_pretrained` requires the file."""
+    source = _source_dir(config, path)
+    if source is not None and os.path.isfile(os.path.join(source, GENERATION_CONFIG)):
+        shutil.copy2(os.path.join(source, GENERATION_CONFIG), os.path.join(path, GENERATION_CONFIG))
+        return
+    if source is None and os.path.isfile(os.path.join(path, GENERATION_CONFIG)):
+        return  # saved over its own folder: keep what is there
+    ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
+           if hf_config.get(k) is not None}
+    out: dict[str, Any] = {**DREAM_GENERATION_DEFAULTS, **ids} if config.is_dream_style else dict(ids)
+    import transformers
+
+    out["transformers_version"] = hf_config.get("transformers_version") or transformers.__version__
+    with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
