@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from pdjax.cli_errors import cli_main
 from pdjax.train.config import config_dict, load_config
 from pdjax.train.overrides import ConfigError
 
@@ -41,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("pdjax.train")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m pdjax.train` and `pdjax-train`."""
     p = parser()
