@@ -2,9 +2,9 @@
 
 `read_jsonl` never raises on content: each line comes back as its value or as a
 `LineError` (not UTF-8, empty, not JSON) for the caller to skip and count
-(training data) or to report (prompt files). `read_json_records` reads a
-``.json`` file (a list of objects) or a ``.jsonl`` file (one object per line)
-and raises `LineError` at the first bad record.
+(training data). `read_records` reads a ``.json`` file (a list of records) or
+a ``.jsonl`` file (one record per line) and raises `LineError` at the first bad
+record (prompt, outputs and annotations files).
 """
 
 from __future__ import annotations
@@ -55,11 +55,13 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 yield line_no, err
 
 
-def json_array_items(path: str | os.PathLike) -> list[Any] | None:
-    """The items of a ``.json`` file holding one JSON array, or None when the file is not one JSON value.
+def json_array_items(path: str | os.PathLike, *, jsonl_fallback: bool = True) -> list[Any] | None:
+    """The items of a file holding one JSON array.
 
-    A file that parses as a single non-array value raises `LineError` (a top-level
-    object is not a list of records: one object per line is JSONL).
+    With ``jsonl_fallback`` (training data, where Hugging Face reads a .json
+    file of one object per line as JSONL) a file that is not one JSON value, or
+    one object on one line, gives None: read it as JSONL. Otherwise, and for any
+    other top-level value, it raises `LineError` naming the line.
     """
     with open(path, "rb") as f:
         data = f.read()
@@ -73,42 +75,60 @@ def json_array_items(path: str | os.PathLike) -> list[Any] | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
+        if text.lstrip().startswith("[") or not jsonl_fallback:
             raise LineError(path, e.lineno, "not-json", f"not JSON ({e.msg} at column {e.colno})") from None
         return None
     except RecursionError:
         raise LineError(path, 1, "not-json", "not JSON (nested too deeply)") from None
     if isinstance(value, list):
         return value
-    if isinstance(value, dict) and text.strip().count("\n") == 0:
+    if jsonl_fallback and isinstance(value, dict) and text.strip().count("\n") == 0:
         return None  # one object on one line: a one-record JSONL file
     raise LineError(
-        path, 1, "not-a-list", f"a .json file must hold a list of objects, not a {type(value).__name__} "
-        "(write one object per line as .jsonl)"
-    )
+        path, 1, "not-a-list", f"a .json file must hold a list of records, not {_article(value)} "
+        "(write one record per line as .jsonl)"
+    )  # fmt: skip
 
 
-def read_json_records(path: str | os.PathLike, *, what: str = "record") -> list[tuple[int, dict]]:
-    """(1-based line or item, object) of every record of a .json (list) or .jsonl file; raises `LineError`.
+def _article(value: Any) -> str:
+    name = {"dict": "object", "list": "list", "str": "string"}.get(type(value).__name__, type(value).__name__)
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
-    Blank lines of a JSONL file are allowed; anything else that is not a JSON
-    object is an error naming the file and the line (the item, in a list).
+
+def where(path: str | os.PathLike, number: int, unit: str) -> str:
+    """``path:line`` for a JSONL line, ``path item N`` for an item of a JSON list."""
+    return f"{path}:{number}" if unit == "line" else f"{path} item {number}"
+
+
+def read_records(path: str | os.PathLike, *, what: str = "record", objects: bool = True) -> list[tuple[str, Any]]:
+    """(location, value) of every record of a file; raises `LineError` (a `UserError`) at the first bad one.
+
+    ``.json``: one JSON list (a top-level object is an error). ``.jsonl``: one
+    record per line, blank lines allowed. Other names: a list if the file starts
+    with ``[``, else JSONL. With ``objects`` every record must be a JSON object.
+    The location is ``path:line`` (JSONL) or ``path item N`` (a list), 1-based.
     """
-    if str(path).lower().endswith(".json"):
-        items = json_array_items(path)
-        if items is not None:
-            for i, item in enumerate(items, 1):
-                if not isinstance(item, dict):
-                    raise LineError(path, i, "not-an-object", f"{what} is a {type(item).__name__}, not an object",
-                                    unit="item")  # fmt: skip
-            return list(enumerate(items, 1))
-    records = []
-    for line_no, value in read_jsonl(path):
-        if isinstance(value, LineError):
-            if value.rule == "empty-line":
-                continue
-            raise value
-        if not isinstance(value, dict):
-            raise LineError(path, line_no, "not-an-object", f"{what} is a {type(value).__name__}, not an object")
-        records.append((line_no, value))
-    return records
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".json" or suffix != ".jsonl" and _starts_with_bracket(path):
+        items = json_array_items(path, jsonl_fallback=False)
+        numbered = [(n, "item", v) for n, v in enumerate(items or [], 1)]
+    else:
+        numbered = []
+        for n, value in read_jsonl(path):
+            if isinstance(value, LineError):
+                if value.rule == "empty-line":
+                    continue
+                raise value
+            numbered.append((n, "line", value))
+    if objects:
+        for n, unit, value in numbered:
+            if not isinstance(value, dict):
+                raise LineError(path, n, "not-an-object", f"{what} is {_article(value)}, not an object", unit=unit)
+    return [(where(path, n, unit), value) for n, unit, value in numbered]
+
+
+def _starts_with_bracket(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Sequence
 
+from pdjax.cli_errors import UserError, cli_main
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
-from pdjax.decode.cli import UserError, resolve_model
+from pdjax.decode.cli import resolve_model
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
 
@@ -155,9 +155,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from pdjax.eval.runner import default_model_path, load_eval_model
 
     if (args.shard_index is None) != (args.num_shards is None):
-        raise SystemExit("--shard_index and --num_shards go together")
+        raise UserError("--shard_index and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
-        raise SystemExit(f"--shard_index must be in [0, {args.num_shards})")
+        raise UserError(f"--shard_index must be in [0, {args.num_shards})")
     options = options_from_args(args)
     model_path = resolve_model(args.model) if args.model else default_model_path(args.mode)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
@@ -208,7 +208,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from pdjax.eval.store import read_outputs
 
     if len(args.outputs) < 2:
-        raise SystemExit("compare needs two or more outputs files")
+        raise UserError("compare needs two or more outputs files")
     files = {path: read_outputs(path) for path in args.outputs}
     annotations = read_annotations(args.annotations) if args.annotations else []
     rows, reference, paired = compare(files, reference=args.reference, annotations=annotations)
@@ -236,12 +236,12 @@ def run_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+@cli_main("pdjax.eval")
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command."""
     args = parser().parse_args(argv)
     try:
         return {"generate": run_generate, "compare": run_compare, "assemble": run_assemble}[args.command](args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # one line, exit status 2 (`cli_main`); --debug shows the traceback
+        raise UserError(str(e)) from e
 

@@ -20,10 +20,12 @@ import shutil
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
+from pdjax.cli_errors import UserError
+
 RUN_FILE = "run.json"
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A file is not what it should be (a damaged part file, not an outputs or annotations file)."""
 
 
@@ -174,12 +176,13 @@ def write_outputs(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 def read_outputs(path: str) -> list[dict[str, Any]]:
     """Records of an outputs file: a JSON list (alpaca_eval's format) or JSONL."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
-        raise FormatError(f"{path} is not an outputs file: every record needs `instruction` and `output`")
-    return rows
+    from pdjax.jsonl import LineError, read_records
+
+    try:
+        located = read_records(path, what="an outputs record")
+    except LineError as e:
+        raise FormatError(str(e)) from None
+    for at, r in located:
+        if "instruction" not in r or "output" not in r:
+            raise FormatError(f"{at}: not an outputs record: every record needs `instruction` and `output`")
+    return [r for _, r in located]

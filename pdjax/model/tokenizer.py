@@ -18,6 +18,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """A transformers fast tokenizer from a local folder or a Hugging Face id."""
     from transformers import AutoTokenizer
 
+    from pdjax.model.checkpoint import check_model_folder, orbax_checkpoint
+
+    if orbax_checkpoint(path) is not None:  # say what the folder is, not what tokenizer files it lacks
+        check_model_folder(path)
     return AutoTokenizer.from_pretrained(str(path))
 
 
