@@ -61,8 +61,12 @@ def orbax_checkpoint(path: str | os.PathLike) -> tuple[str, str | None] | None:
         return None
     names = set(os.listdir(path))
     if names & {"_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt"}:
-        step = os.path.basename(os.path.normpath(path))
-        return os.path.dirname(os.path.abspath(path)), step if step.isdigit() else None
+        step_dir = os.path.abspath(path)
+        parent = os.path.dirname(step_dir)
+        if "_CHECKPOINT_METADATA" not in names and os.path.exists(os.path.join(parent, "_CHECKPOINT_METADATA")):
+            step_dir = parent  # an item folder (state/) of a step
+        step = os.path.basename(step_dir)
+        return os.path.dirname(step_dir), step if step.isdigit() else None
     if any(n.isdigit() and os.path.exists(os.path.join(path, n, "_CHECKPOINT_METADATA")) for n in names):
         return os.path.abspath(path), None
     return None

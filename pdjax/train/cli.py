@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from pdjax.cli_errors import cli_main
+from pdjax.cli_errors import UserError, cli_main
 from pdjax.train.config import config_dict, load_config
 from pdjax.train.overrides import ConfigError
 
@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        p.error(str(e))
+        raise UserError(str(e)) from None
     except OSError as e:
-        p.error(f"cannot read the config: {e}")
+        raise UserError(f"cannot read the config: {e}") from None
     if args.print_config:
         import yaml
 

@@ -129,7 +129,12 @@ def load(cls: type[T], path: str | None, overrides: Sequence[str] = ()) -> T:
     data: dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as e:  # one line: the problem and where
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
