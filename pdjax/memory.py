@@ -143,6 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve_batch", type=int, default=8)
     p.add_argument("--max_length", type=int, default=2048)
     args = p.parse_args(argv)
+    for flag in ("fsdp", "tensor", "seq_len", "serve_batch", "max_length", "param_bytes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    if not 0 < args.batch_per_device < float("inf"):
+        raise UserError(f"--batch_per_device must be a positive number, got {args.batch_per_device}")
     preset = getattr(DreamConfig, args.model, None)
     try:
         config = preset() if callable(preset) else DreamConfig.from_hf(args.model)
