@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pdjax.annotate import Annotator, ChatClient, Retry, annotate_file
+from pdjax.annotate import Annotator, ChatClient, EndpointError, Retry, RunStopped, annotate_file
 from pdjax.annotate.__main__ import main
+from pdjax.annotate.client import retry_after_seconds, status_kind
 from pdjax.synthetic import generate, save_tokenizer, train_tokenizer
 from pdjax.synthetic.dataset import tokenizer_corpus
 
@@ -220,3 +221,42 @@ def test_rules_cli_bad_inputs_are_one_line_errors(tmp_path, tokenizer, capsys):
     assert not (tmp_path / "o.jsonl").exists()  # a bad input line stops before anything is written
     with pytest.raises(Exception, match="not JSON"):
         main(["rules", *common, "--input", str(bad), "--debug"])
+
+
+class ScriptedChat:
+    """A `Chat` that raises the given endpoint errors for some responses and answers the others with the response."""
+
+    def __init__(self, errors: dict[str, EndpointError]):
+        self.errors = errors
+        self.calls = 0
+
+    def complete(self, messages):
+        self.calls += 1
+        response = messages[1]["content"].split("RESPONSE:\n", 1)[1]
+        if response in self.errors:
+            raise self.errors[response]
+        return response
+
+
+def test_http_statuses_are_classified():
+    assert [status_kind(c) for c in (408, 429, 500, 503, 599)] == ["transient"] * 5
+    assert [status_kind(c) for c in (401, 403, 404)] == ["fatal"] * 3
+    assert [status_kind(c) for c in (400, 413, 422)] == ["rejected"] * 3
+    assert retry_after_seconds("3") == 3.0 and retry_after_seconds("soon") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+
+
+def test_a_request_refused_for_one_row_discards_that_row_only(tmp_path, tokenizer):
+    src, out = write_rows(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    chat = ScriptedChat({ROWS[3]["response"]: EndpointError("http-400", "prompt too long", kind="rejected")})
+    summary = annotate_file(src, out, Annotator(chat, tokenizer), concurrency=2, progress=False)
+    assert (summary.written, summary.discarded, dict(summary.reasons)) == (len(ROWS) - 1, 1, {"http-400": 1})
+    assert [r["id"] for r in read(tmp_path / "out.discarded.jsonl")] == ["r3"]
+
+
+def test_wrong_endpoint_settings_stop_the_run_at_once(tmp_path, tokenizer):
+    src, out = write_rows(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    chat = ScriptedChat({r["response"]: EndpointError("http-401", "bad key", kind="fatal") for r in ROWS})
+    with pytest.raises(RunStopped, match=r"refuses the request \(http-401: bad key\): check --base_url"):
+        annotate_file(src, out, Annotator(chat, tokenizer), concurrency=1, progress=False)
+    assert chat.calls == 1 and read(out) == [] and not (tmp_path / "out.discarded.jsonl").exists()
