@@ -85,12 +85,13 @@ def json_array_items(path: str | os.PathLike, *, jsonl_fallback: bool = True) ->
     if jsonl_fallback and isinstance(value, dict) and text.strip().count("\n") == 0:
         return None  # one object on one line: a one-record JSONL file
     raise LineError(
-        path, 1, "not-a-list", f"a .json file must hold a list of records, not {_article(value)} "
+        path, 1, "not-a-list", f"a .json file must hold a list of records, not {article(value)} "
         "(write one record per line as .jsonl)"
     )  # fmt: skip
 
 
-def _article(value: Any) -> str:
+def article(value: Any) -> str:
+    """'an int', 'a string', 'an object': the JSON-ish type of `value` with its article (for messages)."""
     name = {"dict": "object", "list": "list", "str": "string"}.get(type(value).__name__, type(value).__name__)
     return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
@@ -124,7 +125,7 @@ def read_records(path: str | os.PathLike, *, what: str = "record", objects: bool
     if objects:
         for n, unit, value in numbered:
             if not isinstance(value, dict):
-                raise LineError(path, n, "not-an-object", f"{what} is {_article(value)}, not an object", unit=unit)
+                raise LineError(path, n, "not-an-object", f"{what} is {article(value)}, not an object", unit=unit)
     return [(where(path, n, unit), value) for n, unit, value in numbered]
 
 

@@ -160,11 +160,11 @@ def eval_main(argv, capsys) -> str:
     "name, content, message",
     [
         ("p.jsonl", '{"instruction": "a"}\n\n{"instruction": "b"\n', "p.jsonl:3: not JSON"),
-        ("p.jsonl", '{"instruction": "a"}\n{"instruction": 5}\n', "p.jsonl:2: field 'instruction' is a int, not a string"),
+        ("p.jsonl", '{"instruction": "a"}\n{"instruction": 5}\n', "p.jsonl:2: field 'instruction' is an int, not a string"),
         ("p.jsonl", '{"instruction": "a"}\n{"text": "b"}\n', "p.jsonl:2: none of the fields ('instruction', 'prompt')"),
         ("p.json", '{"instruction": "a"}', "p.json:1: a .json file must hold a list of records, not an object"),
         ("p.json", '[{"instruction": "a"},\n {"instruction": }]', "p.json:2: not JSON"),
-        ("p.json", '[{"instruction": "a"}, 3]', "p.json item 2: a prompt row is a int"),
+        ("p.json", '[{"instruction": "a"}, 3]', "p.json item 2: a prompt row is an int"),
         ("p.jsonl", b'{"instruction": "\xff"}\n', "p.jsonl:1: not UTF-8"),
     ],
 )

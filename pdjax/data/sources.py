@@ -23,7 +23,7 @@ from pdjax.cli_errors import UserError
 from pdjax.data.config import DataConfig
 from pdjax.data.report import SkippedRow
 from pdjax.data.synthetic_source import ensure_synthetic, is_synthetic
-from pdjax.jsonl import LineError, json_array_items, read_jsonl
+from pdjax.jsonl import LineError, article, json_array_items, read_jsonl
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -101,11 +101,6 @@ class Source:
         return sorted(self.unreadable + skipped, key=lambda s: (order.get(s.file, -1), s.line or 0, s.row))
 
 
-def _article(value: Any) -> str:
-    name = type(value).__name__
-    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
-
-
 def _looks_local(source: str) -> bool:
     """Whether `source` is meant as a path (not a Hub name): a separator-led path or a data file extension."""
     first = source.split(",")[0].strip()
@@ -154,7 +149,7 @@ def read_local_json(files: list[str], config: DataConfig) -> Source:
                 unreadable.append(SkippedRow(-1, value.rule, -1, value.detail, path, line))
             elif not isinstance(value, dict):
                 unreadable.append(
-                    SkippedRow(-1, "not-an-object", -1, f"{_article(value)} in JSON, not an object", path, line)
+                    SkippedRow(-1, "not-an-object", -1, f"{article(value)} in JSON, not an object", path, line)
                 )
             else:
                 objects.append(value)
@@ -291,7 +286,7 @@ def _text(value: Any, what: str) -> str:
     if value is None:
         raise RowError(f"empty-{what}", f"the {what} is missing")
     if not isinstance(value, str):
-        raise RowError("not-text", f"the {what} is {_article(value)}, not a string")
+        raise RowError("not-text", f"the {what} is {article(value)}, not a string")
     if not value.strip():
         raise RowError(f"empty-{what}", f"the {what} is empty")
     return value

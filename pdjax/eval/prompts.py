@@ -17,7 +17,7 @@ import os
 from typing import Any, Sequence
 
 from pdjax.cli_errors import UserError
-from pdjax.jsonl import LineError, read_records
+from pdjax.jsonl import LineError, article, read_records
 
 ALPACA_EVAL = "alpaca_eval"
 ALPACA_EVAL_URL = "https://huggingface.co/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json"
@@ -69,12 +69,12 @@ def prompts_from_rows(rows: Sequence[Any], default_dataset: str, where: Sequence
             prompts.append(Prompt(i, row, default_dataset))
             continue
         if not isinstance(row, dict):
-            raise PromptError(f"{at}: a prompt row is a {type(row).__name__}; expected a string or an object")
+            raise PromptError(f"{at}: a prompt row is {article(row)}; expected a string or an object")
         key = next((k for k in INSTRUCTION_KEYS if k in row), None)
         if key is None:
             raise PromptError(f"{at}: none of the fields {INSTRUCTION_KEYS} (has {sorted(row)[:8]})")
         if not isinstance(row[key], str):
-            raise PromptError(f"{at}: field {key!r} is a {type(row[key]).__name__}, not a string")
+            raise PromptError(f"{at}: field {key!r} is {article(row[key])}, not a string")
         prompts.append(Prompt(i, row[key], str(row.get("dataset") or default_dataset)))
     return prompts
 
