@@ -146,3 +146,25 @@ def test_training_cli_missing_source_is_one_line_exit_2(tmp_path):
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stderr.strip() == f"pdjax.train: error: {tmp_path / 'nope.jsonl'}: no such data file or folder"
     assert "Traceback" not in run.stderr
+
+
+def test_a_rerun_reads_neither_the_file_nor_tokenizes_again(tmp_path, monkeypatch):
+    import pdjax.data.examples as examples
+    import pdjax.data.sources as sources
+
+    source, _ = bad_file(tmp_path / "rows.jsonl")
+    cfg = toy_config(tmp_path, source, row_length=256)
+    _, first = build_pipeline(cfg, toy_tokenizer(), log=None)
+
+    def boom(*args, **kw):
+        raise AssertionError("not cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(sources, "read_json_rows", boom)
+        m.setattr(examples.Preparer, "__call__", boom)
+        _, again = build_pipeline(cfg, toy_tokenizer(), log=None)
+    assert again.skipped == first.skipped and again.fingerprint == first.fingerprint
+    with open(source, "ab") as f:  # a changed file is read again
+        f.write(b"not json\n")
+    _, changed = build_pipeline(cfg, toy_tokenizer(), log=None)
+    assert len(changed.skipped) == len(first.skipped) + 1 and changed.skipped[-1].rule == "not-json"

@@ -28,6 +28,7 @@ from pdjax.jsonl import LineError, read_jsonl, read_records
 from pdjax.structure import PlanError, clean_tokens, parse_response, plan_view, segments_from_tokens, strip_plan
 from structures import IDS
 
+CACHE = tempfile.TemporaryDirectory(prefix="pdjax-fuzz-cache-")
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 GOOD_LINE = json.dumps({"prompt": "alpha", "completion": "beta"}).encode()
@@ -93,7 +94,7 @@ def test_read_records_returns_records_or_raises_a_line_error(data, suffix, objec
 def test_training_source_reader_skips_or_refuses(data, suffix):
     path = _write(data, suffix)
     try:
-        source = open_source(DataConfig(source=path, shard_index=0, shard_count=1))
+        source = open_source(DataConfig(source=path, shard_index=0, shard_count=1, cache_dir=CACHE.name))
     except DataSourceError as e:
         assert "\n" not in str(e)
         return

@@ -121,7 +121,61 @@ def _folder_files(folder: str, split: str) -> list[str] | None:
     return None
 
 
+JSON_CACHE_VERSION = "1"  # bump when `read_local_json` changes what it keeps
+
+
+def _json_cache_dir(files: list[str], config: DataConfig) -> str:
+    """The cache folder of these files as read with this config's columns (keyed by paths, sizes and mtimes)."""
+    import hashlib
+
+    import datasets
+
+    h = hashlib.sha256(JSON_CACHE_VERSION.encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(repr((os.path.abspath(f), st.st_size, st.st_mtime_ns)).encode())
+    h.update(repr((config.format, config.prompt_column, config.completion_column, config.messages_column)).encode())
+    root = config.cache_dir or datasets.config.HF_DATASETS_CACHE
+    return os.path.join(os.path.expanduser(str(root)), "pdjax_json", h.hexdigest()[:20])
+
+
 def read_local_json(files: list[str], config: DataConfig) -> Source:
+    """`read_json_rows`, cached: the rows are kept as Arrow files so a rerun neither re-reads nor re-tokenizes."""
+    import json
+
+    import datasets
+
+    cache = _json_cache_dir(files, config)
+    done = os.path.join(cache, "source.json")
+    if os.path.exists(done):
+        try:
+            with open(done, encoding="utf-8") as f:
+                meta = json.load(f)
+            dataset = datasets.load_from_disk(os.path.join(cache, "rows"))
+            origins = np.asarray(meta["origins"], np.int64).reshape(-1, 2)
+            unreadable = [SkippedRow(**u) for u in meta["unreadable"]]
+            return Source(dataset, "prompt_completion", files, origins, unreadable)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache: read the files again
+    import shutil
+
+    source = read_json_rows(files, config)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    try:
+        source.dataset.save_to_disk(os.path.join(tmp, "rows"))
+        meta = {"origins": source.origins.tolist(), "unreadable": [dataclasses.asdict(u) for u in source.unreadable]}
+        with open(os.path.join(tmp, "source.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        if os.path.exists(cache):
+            shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+        source.dataset = datasets.load_from_disk(os.path.join(cache, "rows"))  # file-backed: `map` caches
+    except OSError:  # a read-only cache, or another host wrote it first: train from memory
+        shutil.rmtree(tmp, ignore_errors=True)
+    return source
+
+
+def read_json_rows(files: list[str], config: DataConfig) -> Source:
     """Rows of local JSON / JSONL files, read line by line: every bad line or row is kept for the report.
 
     Each JSON object becomes one row with its (prompt, completion) pair under the
