@@ -211,7 +211,7 @@ def test_rules_cli_bad_inputs_are_one_line_errors(tmp_path, tokenizer, capsys):
     cases = [
         (["--input", str(bad)], f"{bad}:3: not JSON"),
         (["--input", str(tmp_path / "missing.jsonl")], f"--input {tmp_path / 'missing.jsonl'}: no such file"),
-        (["--input", str(bad), "--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'}: cannot load"),
+        (["--input", str(bad), "--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'}: no such tokenizer folder"),
     ]
     for args, message in cases:
         assert main(["rules", *common, *args]) == 2

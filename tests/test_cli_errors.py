@@ -209,6 +209,8 @@ def test_train_bad_config_file_is_one_line(tmp_path, capsys):
     (tmp_path / "good.yaml").write_text("steps: 3\n")
     assert main(["--config", str(tmp_path / "good.yaml"), "no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+    assert main([f"model.tokenizer={tmp_path / 'tok'}", f"data.source={tmp_path / 'rows.jsonl'}", "steps=1"]) == 2
+    one_line_error(capsys.readouterr().err, "pdjax.train", f"{tmp_path / 'tok'}: no such tokenizer folder")
 
 
 def test_synthetic_out_under_a_file_is_one_line(tmp_path, capsys):

@@ -75,6 +75,8 @@ def load_annotation_tokenizer(path: str) -> Any:
 
     try:
         return prepare_tokenizer(load_tokenizer(path))
+    except UserError as e:  # already one line naming the path
+        raise UserError(f"--tokenizer {e}") from e
     except Exception as e:  # transformers raises OSError / ValueError / others with multi-line messages
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"--tokenizer {path}: cannot load a tokenizer ({first})") from e

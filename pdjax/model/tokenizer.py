@@ -18,11 +18,20 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """A transformers fast tokenizer from a local folder or a Hugging Face id."""
     from transformers import AutoTokenizer
 
+    from pdjax.cli_errors import UserError
     from pdjax.model.checkpoint import check_model_folder, orbax_checkpoint
 
+    path = os.fspath(path)
     if orbax_checkpoint(path) is not None:  # say what the folder is, not what tokenizer files it lacks
         check_model_folder(path)
-    return AutoTokenizer.from_pretrained(str(path))
+    local = os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if local and not os.path.isdir(path):
+        raise UserError(f"{path}: no such tokenizer folder (pass a folder with tokenizer.json, or a Hub id ORG/NAME)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no tokenizer files, an unreachable Hub id: one line naming the source
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{path}: cannot load a tokenizer ({first})") from e
 
 
 def chat_prompt_ids(
