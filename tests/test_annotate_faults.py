@@ -169,8 +169,10 @@ def test_cli_stops_after_failures_in_a_row_then_killed_and_rerun_annotates_every
     run = annotate_cli(tmp_path, port, *fast, "--max_failures", "3")
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
-    assert "failed 3 times in a row (last: unreachable" in err and "run the same command again" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    *retries, last = err.strip().splitlines()
+    assert "failed 3 times in a row (last: unreachable" in last and "run the same command again" in last
+    assert len(retries) == 2 and all("retrying in" in r and "in a row)" in r for r in retries)
+    assert "Traceback" not in err
     assert read(out) == [] and read(report) == []
 
     # 2. refused for a while, then 503 + Retry-After: 1 twice, then slow answers; killed after 4 rows

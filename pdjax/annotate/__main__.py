@@ -82,6 +82,13 @@ def load_annotation_tokenizer(path: str) -> Any:
         raise UserError(f"--tokenizer {path}: cannot load a tokenizer ({first})") from e
 
 
+def _say_retry(err: Any, seconds: float, failures: int) -> None:
+    """One line on stderr per transport failure: what failed and how long the run waits."""
+    detail = " ".join(str(err).split())[:160]
+    print(f"pdjax.annotate: {detail}; retrying in {seconds:.2f} s ({failures} failure(s) in a row)",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 @cli_main("pdjax.annotate")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one annotator over a file and print what it did."""
@@ -122,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
-        retry = Retry(base_delay=args.retry_base_delay, max_delay=args.retry_max_delay, max_failures=args.max_failures)
+        retry = Retry(base_delay=args.retry_base_delay, max_delay=args.retry_max_delay, max_failures=args.max_failures,
+                      on_wait=_say_retry)  # fmt: skip
         annotator = Annotator(
             client, tokenizer, max_attempts=args.max_attempts, fix_lengths=not args.keep_lengths,
             length_scale=args.length_scale, retry=retry,

@@ -72,7 +72,8 @@ class Retry:
     The k-th retry of a request waits ``min(max_delay, base_delay * 2**(k-1))``
     scaled by a random factor in [1 - jitter, 1] (so that many workers do not
     retry in lock step), or the server's ``Retry-After`` when it sent one (up to
-    ``max_retry_after``). ``max_failures`` transport failures in a row, counted
+    ``max_retry_after``). ``on_wait(error, seconds, failures)`` is told of every
+    wait. ``max_failures`` transport failures in a row, counted
     over all workers and reset by any answer, stop the run. ``sleep`` and
     ``rng`` are injectable for tests; the default sleep wakes up early when the
     run stops.
@@ -88,6 +89,7 @@ class Retry:
         max_retry_after: float = 600.0,
         sleep: Callable[[float], Any] | None = None,
         rng: random.Random | None = None,
+        on_wait: Callable[[EndpointError, float, int], Any] | None = None,
     ):
         if max_failures < 1:
             raise ValueError("max_failures must be >= 1")
@@ -101,6 +103,7 @@ class Retry:
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self._rng = rng or random.Random()
+        self.on_wait = on_wait  # (error, seconds, failures in a row) before each wait: progress for the user
         self._lock = threading.Lock()
         self.failures = 0  # transport failures since the last answer
         self.total_failures = 0
@@ -158,6 +161,8 @@ class Retry:
         wait = self.delay(retry, err.retry_after)
         with self._lock:
             self.delays.append(wait)
+        if self.on_wait is not None:
+            self.on_wait(err, wait, failures)
         self._sleep(wait)
         self.check()
 
