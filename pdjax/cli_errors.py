@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "PDJAX_DEBUG"
 
@@ -40,7 +41,10 @@ def error_line(err: BaseException) -> str:
 def run_main(
     main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *, prog: str = "pdjax"
 ) -> int:
-    """Call ``main(argv)``; a `UserError` or a missing / unreadable path becomes ``prog: error: ...`` and 2."""
+    """Call ``main(argv)``; a `UserError` or a missing / unreadable path becomes ``prog: error: ...`` and 2.
+
+    Ctrl-C (a KeyboardInterrupt that ``main`` did not handle) prints ``prog: interrupted`` and returns 130.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != DEBUG_FLAG]
@@ -51,6 +55,11 @@ def run_main(
             raise
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: what a shell expects (128 + SIGINT), without a traceback
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0 if code is None else int(code)
 
 

@@ -92,6 +92,8 @@ def json_array_items(path: str | os.PathLike, *, jsonl_fallback: bool = True) ->
 
 def article(value: Any) -> str:
     """'an int', 'a string', 'an object': the JSON-ish type of `value` with its article (for messages)."""
+    if value is None:
+        return "null"
     name = {"dict": "object", "list": "list", "str": "string"}.get(type(value).__name__, type(value).__name__)
     return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 

@@ -64,6 +64,16 @@ def test_debug_flag_or_env_shows_the_traceback(monkeypatch):
     assert run_main(_fails, []) == 2
 
 
+def test_ctrl_c_is_one_line_and_130(capsys, monkeypatch):
+    monkeypatch.delenv("PDJAX_DEBUG", raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted, [], prog="tool") == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+
+
 def test_other_exceptions_are_not_hidden():
     def bug(argv):
         raise KeyError("a bug")
