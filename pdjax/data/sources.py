@@ -59,7 +59,7 @@ class DataSourceError(UserError, ValueError):
     """A training source that cannot be read at all (missing, empty, no usable rows, unknown columns)."""
 
 
-# Columns of a source read by `read_local_json`: the pair (named as the config's columns) and its row's error.
+# Columns of a source read by `read_json_rows`: the pair (named as the config's columns) and its row's error.
 RULE_COLUMN = "_pdjax_rule"
 DETAIL_COLUMN = "_pdjax_detail"
 
@@ -121,7 +121,7 @@ def _folder_files(folder: str, split: str) -> list[str] | None:
     return None
 
 
-JSON_CACHE_VERSION = "1"  # bump when `read_local_json` changes what it keeps
+JSON_CACHE_VERSION = "1"  # bump when `read_json_rows` changes what it keeps
 
 
 def _json_cache_dir(files: list[str], config: DataConfig) -> str:
@@ -285,7 +285,9 @@ def open_source(config: DataConfig) -> Source:
         origins = _parquet_origins(files)
     else:
         if _looks_local(config.source):
-            raise DataSourceError(f"{config.source}: no such data file or folder")
+            parts = [p.strip() for p in config.source.split(",") if p.strip()]
+            missing = next((p for p in parts if not glob.glob(os.path.expanduser(p))), config.source)
+            raise DataSourceError(f"{missing}: no such data file or folder")
         try:
             dataset = datasets.load_dataset(config.source, split=config.split, cache_dir=config.cache_dir)
         except (FileNotFoundError, ValueError, ConnectionError) as e:
@@ -348,7 +350,7 @@ def _text(value: Any, what: str) -> str:
 
 def row_turns(row: Mapping[str, Any], fmt: str, config: DataConfig) -> tuple[str, str]:
     """(prompt, completion) of one row; raises `RowError` when the row gives none."""
-    if row.get(RULE_COLUMN):  # a row `read_local_json` already found unusable
+    if row.get(RULE_COLUMN):  # a row `read_json_rows` already found unusable
         raise RowError(row[RULE_COLUMN], row.get(DETAIL_COLUMN) or "")
     if fmt == "prompt_completion":
         prompt = _text(_field(row, config.prompt_column, "prompt"), "prompt")
