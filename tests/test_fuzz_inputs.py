@@ -14,7 +14,7 @@ import os
 import tempfile
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pdjax.annotate.client import retry_after_seconds
@@ -181,6 +181,7 @@ VALUES = st.one_of(st.text(max_size=8), st.integers(-5, 10**6).map(str), st.samp
 
 @FAST
 @given(st.lists(st.tuples(KEYS, VALUES).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=10), max_size=4))
+@example(["data="])  # an empty section once raised TypeError
 def test_train_overrides_give_a_config_or_one_line_error(items):
     from pdjax.train.cli import main
 
@@ -189,6 +190,7 @@ def test_train_overrides_give_a_config_or_one_line_error(items):
 
 
 @FAST
+@example("tiny", [("--fsdp", "0")])  # once a ZeroDivisionError
 @given(
     st.sampled_from(["tiny", "dream_7b", "nope", "/no/such/folder", ""]),
     st.lists(st.tuples(st.sampled_from(["--fsdp", "--tensor", "--seq_len", "--batch_per_device", "--lora_rank",

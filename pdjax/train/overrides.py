@@ -194,8 +194,8 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
+        if value is None:  # an empty section: its defaults (a ConfigError naming any required key)
+            return from_dict(tp, {}, root=root, prefix=key + ".")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
         return from_dict(tp, value, root=root, prefix=key + ".")
