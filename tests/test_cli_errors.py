@@ -120,6 +120,10 @@ def test_an_orbax_checkpoint_says_so_and_how_to_export_it(tmp_path, capsys):
         one_line_error(err, "pdjax.decode", f"{given} is an orbax training checkpoint",
                        f"python -m pdjax.train --config CONFIG checkpoint.dir={root} --export DIR")  # fmt: skip
         assert ("--step 7" in err) == (step is not None)
+    from pdjax.eval.cli import main as eval_main
+
+    assert eval_main(["generate", "--model", str(root), "--output", str(tmp_path / "o.json")]) == 2
+    one_line_error(capsys.readouterr().err, "pdjax.eval", f"{root} is an orbax training checkpoint")
 
 
 def test_model_folder_without_or_with_a_broken_config(tmp_path):

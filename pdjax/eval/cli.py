@@ -161,6 +161,10 @@ def run_generate(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     model_path = resolve_model(args.model) if args.model else default_model_path(args.mode)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
+        from pdjax.model.checkpoint import check_model_folder, orbax_checkpoint
+
+        if orbax_checkpoint(model_path) is not None:
+            check_model_folder(model_path)  # says it is an orbax checkpoint and how to export it
         raise UserError(f"no model at {model_path}: pass --model DIR (an HF-layout folder) or ORG/NAME (a Hub id)")
     buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
     config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
