@@ -84,10 +84,11 @@ def test_json_list_items_and_parquet_rows_are_numbered_from_one(tmp_path):
         (b"not json\n\n\xff\n", "no usable rows: 3 line(s), none a JSON object (e.g. {path}:1: not JSON"),
         (b'{"prompt": "alpha", "completion": "<async>beta"}\n', "no usable rows in {path} on host 0/1: 1 unclosed-async"),
         (b"[1, 2", "{path}:1: not JSON"),
+        (b"PAR1junk", "{path}: cannot read the Parquet data"),
     ],
 )
 def test_a_source_without_usable_rows_is_one_clear_error(tmp_path, content, message):
-    path = tmp_path / ("rows.json" if content == b"[1, 2" else "rows.jsonl")
+    path = tmp_path / ("rows.json" if content == b"[1, 2" else "rows.parquet" if content == b"PAR1junk" else "rows.jsonl")
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(DataSourceError) as err:
