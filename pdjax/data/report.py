@@ -77,10 +77,11 @@ class DataReport:
 
     def summary(self) -> str:
         """A few lines for the training log."""
+        unreadable = sum(s.row < 0 for s in self.skipped)  # lines that never became a row
         lines = [
             f"data: {self.source} (mode {self.mode}, host {self.host}/{self.num_hosts}): "
-            f"{self.rows_read} rows read, {self.documents} documents kept ({self.tokens} tokens), "
-            f"{len(self.skipped)} skipped",
+            f"{self.rows_read} rows read" + (f" and {unreadable} unreadable line(s)" if unreadable else "")
+            + f", {self.documents} documents kept ({self.tokens} tokens), {len(self.skipped)} skipped",
         ]
         for rule, count in self.skipped_by_rule.items():
             example = next(s for s in self.skipped if s.rule == rule)
