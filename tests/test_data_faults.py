@@ -169,3 +169,16 @@ def test_a_rerun_reads_neither_the_file_nor_tokenizes_again(tmp_path, monkeypatc
         f.write(b"not json\n")
     _, changed = build_pipeline(cfg, toy_tokenizer(), log=None)
     assert len(changed.skipped) == len(first.skipped) + 1 and changed.skipped[-1].rule == "not-json"
+
+
+def test_hosts_split_the_rows_and_host_0_alone_reports_unreadable_lines(tmp_path):
+    source, bad = bad_file(tmp_path / "rows.jsonl")
+    reports = [
+        build_pipeline(toy_config(tmp_path, source, row_length=256, batch_size=2, shard_index=h, shard_count=2),
+                       toy_tokenizer(), log=None)[1]
+        for h in range(2)
+    ]  # fmt: skip
+    lines = [s.line for r in reports for s in r.skipped]
+    assert sorted(lines) == sorted(bad)  # each bad line reported once over the hosts
+    assert {s.rule for s in reports[1].skipped} <= {"missing-completion", "unclosed-async", "not-text"}
+    assert sum(r.documents for r in reports) == len(GOOD)
