@@ -41,6 +41,8 @@ PINNED = (
 )
 WHEEL_DIR = "dist"
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for pdjax.cli_errors (standard library only: no JAX needed here)
+from pdjax.cli_errors import UserError, cli_main  # noqa: E402
 
 
 def _version() -> str:
@@ -73,14 +75,14 @@ def parse_accelerator(accelerator: str) -> tuple[Generation, int]:
         prefix, size = accelerator.rsplit("-", 1)
         count = int(size)
     except ValueError:
-        raise SystemExit(f"error: accelerator type {accelerator!r} is not of the form <type>-<size>, e.g. v5p-32")
+        raise UserError(f"accelerator type {accelerator!r} is not of the form <type>-<size>, e.g. v5p-32") from None
     for gen in GENERATIONS.values():
         if gen.prefix == prefix:
             chips = count // gen.cores_per_chip
             hosts = 1 if chips <= gen.single_host_chips else chips // gen.chips_per_host
             return gen, hosts
     known = ", ".join(f"{g.prefix}-N" for g in GENERATIONS.values())
-    raise SystemExit(f"error: unknown accelerator type {accelerator!r}; pdjax launches {known}")
+    raise UserError(f"unknown accelerator type {accelerator!r}; pdjax launches {known}")
 
 
 class Runner:
@@ -221,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("launch/tpu.py")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.fn(args, Runner(args.dry_run))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from pdjax.cli_errors import UserError, cli_main
 from pdjax.model.config import DreamConfig
 
 GiB = 1024**3
@@ -127,6 +128,7 @@ def serving_memory(
     )
 
 
+@cli_main("pdjax.memory")
 def main(argv: list[str] | None = None) -> None:
     """`python -m pdjax.memory`: print the estimate for a preset or a config.json."""
     p = argparse.ArgumentParser(prog="python -m pdjax.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,8 +143,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve_batch", type=int, default=8)
     p.add_argument("--max_length", type=int, default=2048)
     args = p.parse_args(argv)
+    for flag in ("fsdp", "tensor", "seq_len", "serve_batch", "max_length", "param_bytes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    if not 0 < args.batch_per_device < float("inf"):
+        raise UserError(f"--batch_per_device must be a positive number, got {args.batch_per_device}")
     preset = getattr(DreamConfig, args.model, None)
-    config = preset() if callable(preset) else DreamConfig.from_hf(args.model)
+    try:
+        config = preset() if callable(preset) else DreamConfig.from_hf(args.model)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"--model {args.model}: neither a preset (dream_7b, tiny) nor a folder with config.json") from None
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, missing keys, unsupported settings
+        raise UserError(f"--model {args.model}: cannot read its config.json ({type(e).__name__}: {e})") from None
     print(f"model: {args.model}, {config.num_params / 1e9:.2f}B parameters")
     print(
         training_memory(
@@ -160,4 +174,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

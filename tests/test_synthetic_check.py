@@ -65,7 +65,7 @@ def test_malformed_plans(tokenizer):
     r = check_completion(FACTS, P.format("tiger", "") + "<async>tiger has 5 letters.</async>", tokenizer)
     assert not r.well_formed and "missing-promise-length" in r.error
     r = check_completion(FACTS, P.format("tiger", 1) + "<async>tiger has 5 letters.", tokenizer)
-    assert not r.well_formed and "control-token-in-span" in r.error  # the eos inside the open span
+    assert not r.well_formed and "unclosed-async" in r.error  # the eos comes before any </async>
 
 
 def test_plain_answers_score_on_the_same_scale(tokenizer):

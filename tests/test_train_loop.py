@@ -37,7 +37,7 @@ BAD_ROWS = {
     "<promise>-<topic>red 2</topic>tea</async>": "stray-async-end",
     "<promise>-<topic>red</topic><async>tea milk</async>": "missing-promise-length",
     "<promise>-<topic>red 1</topic><promise>-<topic>blue 1</topic><async>tea</async>": "span-count-mismatch",
-    "<promise>-<topic>red 1</topic><async>tea milk": "control-token-in-span",  # the template closes it with <|im_end|>
+    "<promise>-<topic>red 1</topic><async>tea milk": "unclosed-async",  # <|im_end|> comes before any </async>
 }
 
 

@@ -8,7 +8,16 @@ parser, plus the check that the plan removed gives back the response.
 """
 
 from pdjax.annotate.client import ChatClient, EndpointError
-from pdjax.annotate.llm import Annotator, Outcome, RunSummary, annotate_file, annotate_rows
+from pdjax.annotate.llm import (
+    Annotator,
+    EndpointUnavailable,
+    Outcome,
+    Retry,
+    RunStopped,
+    RunSummary,
+    annotate_file,
+    annotate_rows,
+)
 from pdjax.annotate.rows import Row, read_rows
 from pdjax.annotate.rules import UnannotatableText, annotate_file_with_rules, annotate_rules, parts, topic_words
 from pdjax.annotate.validate import AnnotationRejected, prepare_tokenizer, recompute_lengths, validate_annotation
@@ -18,7 +27,10 @@ __all__ = [
     "Annotator",
     "ChatClient",
     "EndpointError",
+    "EndpointUnavailable",
     "Outcome",
+    "Retry",
+    "RunStopped",
     "Row",
     "RunSummary",
     "UnannotatableText",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
+from pdjax.cli_errors import UserError, cli_main
 from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 
 
@@ -51,6 +52,15 @@ def parser() -> argparse.ArgumentParser:
     llm.add_argument(
         "--keep_lengths", action="store_true", help="keep the LLM's promise numbers instead of recounting them"
     )
+    llm.add_argument(
+        "--max_failures", type=int, default=64,
+        help="stop the run after this many transport failures in a row (timeouts, refused connections, 429, 5xx); "
+        "what was answered is kept and the same command resumes",
+    )  # fmt: skip
+    llm.add_argument("--retry_base_delay", type=float, default=1.0,
+                     help="seconds before the first retry of a failed request; doubled per retry, with jitter")
+    llm.add_argument("--retry_max_delay", type=float, default=60.0,
+                     help="longest wait between retries (a server's Retry-After is honoured up to 600 s)")
     llm.add_argument("--retry_discarded", action="store_true", help="try the rows of the report again")
     llm.add_argument("--no_progress", action="store_true")
     rules = sub.add_parser("rules", help="annotate with the list / paragraph rules")
@@ -58,14 +68,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one annotator over a file and print what it did."""
-    args = parser().parse_args(argv)
-    from pdjax.annotate.llm import Annotator, annotate_file, default_report_path, summary_text
+def load_annotation_tokenizer(path: str) -> Any:
+    """The tokenizer of --tokenizer with the control tokens; a `UserError` naming the path if it cannot load."""
     from pdjax.annotate.validate import prepare_tokenizer
     from pdjax.model.tokenizer import load_tokenizer
 
-    tokenizer = prepare_tokenizer(load_tokenizer(args.tokenizer))
+    try:
+        return prepare_tokenizer(load_tokenizer(path))
+    except UserError as e:  # already one line naming the path
+        raise UserError(f"--tokenizer {e}") from e
+    except Exception as e:  # transformers raises OSError / ValueError / others with multi-line messages
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"--tokenizer {path}: cannot load a tokenizer ({first})") from e
+
+
+def _say_retry(err: Any, seconds: float, failures: int) -> None:
+    """One line on stderr per transport failure: what failed and how long the run waits."""
+    detail = " ".join(str(err).split())[:160]
+    print(f"pdjax.annotate: {detail}; retrying in {seconds:.2f} s ({failures} failure(s) in a row)",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+@cli_main("pdjax.annotate")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one annotator over a file and print what it did."""
+    args = parser().parse_args(argv)
+    from pdjax.annotate.llm import (
+        Annotator,
+        EndpointUnavailable,
+        Retry,
+        annotate_file,
+        default_report_path,
+        summary_text,
+    )
+
+    if not os.path.isfile(args.input):
+        raise UserError(f"--input {args.input}: no such file")
+    tokenizer = load_annotation_tokenizer(args.tokenizer)
     report = args.report or default_report_path(args.output)
     fields = dict(prompt_field=args.prompt_field, response_field=args.response_field, limit=args.limit)
     if args.command == "rules":
@@ -88,17 +127,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout, temperature=args.temperature, max_tokens=args.max_tokens,
         )  # fmt: skip
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    annotator = Annotator(
-        client, tokenizer, max_attempts=args.max_attempts, fix_lengths=not args.keep_lengths,
-        length_scale=args.length_scale,
-    )  # fmt: skip
-    summary = annotate_file(
-        args.input, args.output, annotator, report,
-        concurrency=args.concurrency, retry_discarded=args.retry_discarded,
-        progress=not args.no_progress, **fields,
-    )  # fmt: skip
+        raise UserError(str(e)) from None
+    try:
+        retry = Retry(base_delay=args.retry_base_delay, max_delay=args.retry_max_delay, max_failures=args.max_failures,
+                      on_wait=_say_retry)  # fmt: skip
+        annotator = Annotator(
+            client, tokenizer, max_attempts=args.max_attempts, fix_lengths=not args.keep_lengths,
+            length_scale=args.length_scale, retry=retry,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        summary = annotate_file(
+            args.input, args.output, annotator, report,
+            concurrency=args.concurrency, retry_discarded=args.retry_discarded,
+            progress=not args.no_progress, **fields,
+        )  # fmt: skip
+    except EndpointUnavailable as e:
+        print(f"pdjax.annotate: {e}", file=sys.stderr, flush=True)
+        return 1
     print(summary_text(summary) + (f"\nreport: {report}" if os.path.exists(report) else ""))
     return 0
 

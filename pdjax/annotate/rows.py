@@ -8,6 +8,8 @@ import json
 import os
 from typing import Iterator, Mapping
 
+from pdjax.jsonl import LineError, read_jsonl
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -28,23 +30,27 @@ def row_id(row: Mapping, prompt: str, response: str) -> str:
 def read_rows(
     path: str | os.PathLike, prompt_field: str = "prompt", response_field: str = "response", *, limit: int | None = None
 ) -> Iterator[Row]:
-    """Rows of a JSONL file; a row without a string prompt / response raises with its line number."""
-    with open(path, encoding="utf-8") as f:
-        index = 0
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    """Rows of a JSONL file (blank lines ignored); a bad line raises `LineError` naming the file and 1-based line."""
+    index = 0
+    for line_no, row in read_jsonl(path):
+        if isinstance(row, LineError):
+            if row.rule == "empty-line":
                 continue
-            if limit is not None and index >= limit:
-                return
-            row = json.loads(line)
-            prompt, response = row.get(prompt_field), row.get(response_field)
-            if not isinstance(prompt, str) or not isinstance(response, str):
-                raise ValueError(
-                    f"{path}:{line_no}: needs string fields {prompt_field!r} and {response_field!r} "
-                    f"(got keys {sorted(row)}); choose them with --prompt_field / --response_field"
-                )
-            yield Row(row_id(row, prompt, response), index, prompt, response)
-            index += 1
+            raise row
+        if limit is not None and index >= limit:
+            return
+        if not isinstance(row, dict):
+            raise LineError(path, line_no, "not-an-object", f"a row must be a JSON object, not {type(row).__name__}")
+        prompt, response = row.get(prompt_field), row.get(response_field)
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise LineError(
+                path, line_no, "bad-fields",
+                f"needs string fields {prompt_field!r} and {response_field!r} (got "
+                + ", ".join(f"{k}: {type(v).__name__}" for k, v in row.items())
+                + "); choose them with --prompt_field / --response_field",
+            )  # fmt: skip
+        yield Row(row_id(row, prompt, response), index, prompt, response)
+        index += 1
 
 
 def _repair_tail(path: str | os.PathLike) -> None:
@@ -60,8 +66,16 @@ def finished_ids(path: str | os.PathLike) -> set[str]:
     if not os.path.exists(path):
         return set()
     _repair_tail(path)
-    with open(path, encoding="utf-8") as f:
-        return {str(json.loads(line)["id"]) for line in f if line.strip()}
+    ids = set()
+    for line_no, row in read_jsonl(path):
+        if isinstance(row, LineError):
+            if row.rule == "empty-line":
+                continue
+            raise LineError(path, line_no, row.rule, f"{row.detail}; fix or delete the line to resume")
+        if not isinstance(row, dict) or "id" not in row:
+            raise LineError(path, line_no, "no-id", "a finished row needs an 'id'; fix or delete the line to resume")
+        ids.add(str(row["id"]))
+    return ids
 
 
 def append_jsonl(path: str | os.PathLike, row: Mapping) -> None:

@@ -124,9 +124,10 @@ def annotate_file_with_rules(
 
     counts = {"written": 0, "planned": 0, "discarded": 0}
     forbidden = list(tokenizer.get_added_vocab())
+    rows = list(read_rows(input_path, prompt_field, response_field, limit=limit))  # a bad input line: before writing
     for path in (output, report):
         open(path, "w").close()
-    for row in read_rows(input_path, prompt_field, response_field, limit=limit):
+    for row in rows:
         try:
             completion = annotate_rules(row.response, tokenizer, length_scale=length_scale, forbidden=forbidden)
             validate_annotation(row.response, completion, tokenizer)

@@ -10,13 +10,14 @@ from pdjax.data.examples import build_document
 from pdjax.data.packing import first_fit, packing_efficiency
 from pdjax.data.pipeline import BATCH_KEYS, build_pipeline
 from pdjax.data.report import DataReport, SkippedRow
-from pdjax.data.sources import RowError, load_source, prepare_source
+from pdjax.data.sources import DataSourceError, RowError, load_source, open_source, prepare_source
 from pdjax.data.transforms import ablate_topic, drop_sync, with_pads
 
 __all__ = [
     "BATCH_KEYS",
     "DataConfig",
     "DataReport",
+    "DataSourceError",
     "RowError",
     "SkippedRow",
     "ablate_topic",
@@ -25,6 +26,7 @@ __all__ = [
     "drop_sync",
     "first_fit",
     "load_source",
+    "open_source",
     "packing_efficiency",
     "prepare_source",
     "with_pads",

@@ -34,7 +34,7 @@ from pdjax.data.config import DataConfig
 from pdjax.data.examples import PLANNED_MODES, Preparer, build_document, prepared_features
 from pdjax.data.packing import first_fit, packing_efficiency
 from pdjax.data.report import DataReport, SkippedRow
-from pdjax.data.sources import host_range, load_source, resolve_format
+from pdjax.data.sources import DataSourceError, host_range, open_source
 from pdjax.structure import ControlIds, Segments, pack_documents
 
 if TYPE_CHECKING:
@@ -181,8 +181,8 @@ def prepare_corpus(
     config: DataConfig, tokenizer: Any, ids: ControlIds, shard_index: int, shard_count: int
 ) -> tuple[Corpus, list[SkippedRow], int]:
     """Read, prepare and validate this host's rows: (documents, skipped rows, rows read)."""
-    source = load_source(config)
-    fmt = resolve_format(list(source.column_names), config)
+    opened = open_source(config)  # lines that are no row (not JSON, ...) are in opened.unreadable
+    source, fmt = opened.dataset, opened.fmt
     if config.max_source_rows is not None:
         source = source.select(range(min(config.max_source_rows, len(source))))
     shard = host_range(len(source), shard_index, shard_count)
@@ -201,10 +201,11 @@ def prepare_corpus(
     kept = rule == ""
     rows = np.asarray(prepared["row"], np.int64)
     skipped = [
-        SkippedRow(int(r), str(k), int(p), str(d))
+        opened.skipped_row(int(r), str(k), int(p), str(d))
         for r, k, p, d, keep in zip(rows, rule, prepared["position"], prepared["detail"], kept)
         if not keep
     ]
+    skipped = opened.with_unreadable(skipped, report_unreadable=shard_index == 0)  # every host reads them all
 
     def flat(column: str) -> tuple[np.ndarray, np.ndarray]:
         array = prepared.data.column(column).combine_chunks()
@@ -312,7 +313,12 @@ def build_pipeline(
     if log is not None:
         log(report.summary())
     if not len(corpus):
-        raise ValueError(f"no usable rows in {config.source} on host {shard_index}/{shard_count}:\n{report.summary()}")
+        raise DataSourceError(
+            f"no usable rows in {config.source} on host {shard_index}/{shard_count}: "
+            + "; ".join(f"{n} {rule}" for rule, n in report.skipped_by_rule.items())
+            + (f", e.g. {skipped[0].where}: {skipped[0].detail}" if skipped else "")
+            + (f" (every skipped row with its reason: {report.skipped_path})" if report.skipped_path else "")
+        )
 
     dataset = (
         grain.MapDataset.range(stream_rows)

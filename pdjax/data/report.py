@@ -12,14 +12,24 @@ import os
 class SkippedRow:
     """A source row left out of training: its index in the split, the rule it breaks, where, and the detail.
 
-    ``position`` indexes the row's token sequence (prompt included), -1 when
-    the row never got as far as tokens (e.g. no assistant turn).
+    ``row`` indexes the split's rows (-1 for a line that never became a row:
+    not UTF-8, empty, not JSON). ``position`` indexes the row's token sequence
+    (prompt included), -1 when the row never got as far as tokens (e.g. no
+    assistant turn). ``file`` and ``line`` (1-based; the item of a .json list,
+    the row of a Parquet file) say where it is, None for Hub datasets.
     """
 
     row: int
     rule: str
     position: int
     detail: str
+    file: str | None = None
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        """``file:line`` when known, else ``row N``."""
+        return f"{self.file}:{self.line}" if self.file is not None and self.line is not None else f"row {self.row}"
 
 
 @dataclasses.dataclass
@@ -58,7 +68,7 @@ class DataReport:
         return dict(collections.Counter(s.rule for s in self.skipped).most_common())
 
     def write_skipped(self, path: str) -> None:
-        """One JSON object per skipped row: row, rule, position, detail."""
+        """One JSON object per skipped row: row, rule, position, detail, file, line."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for s in self.skipped:
@@ -67,14 +77,15 @@ class DataReport:
 
     def summary(self) -> str:
         """A few lines for the training log."""
+        unreadable = sum(s.row < 0 for s in self.skipped)  # lines that never became a row
         lines = [
             f"data: {self.source} (mode {self.mode}, host {self.host}/{self.num_hosts}): "
-            f"{self.rows_read} rows read, {self.documents} documents kept ({self.tokens} tokens), "
-            f"{len(self.skipped)} skipped",
+            f"{self.rows_read} rows read" + (f" and {unreadable} unreadable line(s)" if unreadable else "")
+            + f", {self.documents} documents kept ({self.tokens} tokens), {len(self.skipped)} skipped",
         ]
         for rule, count in self.skipped_by_rule.items():
             example = next(s for s in self.skipped if s.rule == rule)
-            lines.append(f"  skipped {count:>7} {rule:<24} e.g. row {example.row}: {example.detail}")
+            lines.append(f"  skipped {count:>7} {rule:<24} e.g. {example.where}: {example.detail}")
         if self.skipped:
             where = self.skipped_path or "not written (set DataConfig.skipped_path)"
             lines.append(f"  skipped rows with their reasons: {where}")

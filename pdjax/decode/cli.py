@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from pdjax.cli_errors import UserError, cli_main  # UserError: the one-line error type of every pdjax command
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model" / "pd"
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
-
-
-class UserError(Exception):
-    """A problem with the command line or its inputs: printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,14 +215,10 @@ def render(console: Any, tokenizer: Any, prompt: str, result: Any, ids: Any, tex
     console.print(Text(result.stats.line(), style="cyan"))
 
 
+@cli_main("pdjax.decode")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2 for user errors, printed without a traceback)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _run(build_parser().parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:

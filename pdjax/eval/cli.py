@@ -20,8 +20,9 @@ import sys
 import warnings
 from typing import Any, Sequence
 
+from pdjax.cli_errors import UserError, cli_main
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
-from pdjax.decode.cli import UserError, resolve_model
+from pdjax.decode.cli import resolve_model
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
 from pdjax.model.tokenizer import TokenIdMismatch
@@ -173,9 +174,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from pdjax.eval.runner import default_model_path, load_eval_model
 
     if (args.shard_index is None) != (args.num_shards is None):
-        raise SystemExit("--shard_index and --num_shards go together")
+        raise UserError("--shard_index and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
-        raise SystemExit(f"--shard_index must be in [0, {args.num_shards})")
+        raise UserError(f"--shard_index must be in [0, {args.num_shards})")
     try:
         options = options_from_args(args)
     except ValueError as e:  # knobs out of range, an alg the mode lacks
@@ -184,6 +185,10 @@ def run_generate(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model) if args.model else default_model_path(
         "diffusion" if args.mode == "dream" else args.mode)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
+        from pdjax.model.checkpoint import check_model_folder, orbax_checkpoint
+
+        if orbax_checkpoint(model_path) is not None:
+            check_model_folder(model_path)  # says it is an orbax checkpoint and how to export it
         raise UserError(f"no model at {model_path}: pass --model DIR (an HF-layout folder) or ORG/NAME (a Hub id)")
     buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
     if args.mode == "dream":
@@ -236,7 +241,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from pdjax.eval.store import read_outputs
 
     if len(args.outputs) < 2:
-        raise SystemExit("compare needs two or more outputs files")
+        raise UserError("compare needs two or more outputs files")
     files = {path: read_outputs(path) for path in args.outputs}
     annotations = read_annotations(args.annotations) if args.annotations else []
     with warnings.catch_warnings(record=True) as caught:
@@ -268,12 +273,12 @@ def run_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+@cli_main("pdjax.eval")
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command."""
     args = parser().parse_args(argv)
     try:
         return {"generate": run_generate, "compare": run_compare, "assemble": run_assemble}[args.command](args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # one line, exit status 2 (`cli_main`); --debug shows the traceback
+        raise UserError(str(e)) from e
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import statistics
 import warnings
 from typing import Any, Mapping, Sequence
 
 from pdjax.eval.store import FormatError
+from pdjax.jsonl import LineError, read_records
 
 SPEED_FIELDS = ("latency_s", "model_calls")
 
@@ -128,8 +128,10 @@ def read_annotations(paths: Sequence[str]) -> list[dict[str, Any]]:
     """The judged pairs of one or more alpaca_eval annotations files (JSON lists)."""
     rows: list[dict[str, Any]] = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        try:  # one line naming the file and line of a broken file (pdjax.jsonl)
+            data = [r for _, r in read_records(path, what="an annotation", objects=False)]
+        except LineError as e:
+            raise FormatError(str(e)) from None
         if not isinstance(data, list) or not all(isinstance(r, dict) and "generator_2" in r and "preference" in r
                                                  for r in data):
             raise FormatError(f"{path} is not an alpaca_eval annotations file (a list with generator_2 and preference)")

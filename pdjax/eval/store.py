@@ -28,11 +28,13 @@ import shutil
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
+from pdjax.cli_errors import UserError
+
 RUN_FILE = "run.json"
 ID_LIST_FIELDS = ("token_ids", "span_lengths")  # list[int] in memory, "1 2 3" in OUT.json
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A file is not what it should be (a damaged part file, not an outputs or annotations file)."""
 
 
@@ -210,15 +212,13 @@ def read_outputs(path: str) -> list[dict[str, Any]]:
 
     Files of earlier pdjax versions (id lists stored as JSON lists) read the same.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    from pdjax.jsonl import LineError, read_records
+
     try:
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path} is not JSON or JSONL ({e})") from e
-    if not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
-        raise FormatError(f"{path} is not an outputs file: every record needs `instruction` and `output`")
-    return [_from_alpaca(r, path) for r in rows]
+        located = read_records(path, what="an outputs record")
+    except LineError as e:
+        raise FormatError(str(e)) from None
+    for at, r in located:
+        if "instruction" not in r or "output" not in r:
+            raise FormatError(f"{at}: not an outputs record: every record needs `instruction` and `output`")
+    return [_from_alpaca(r, path) for _, r in located]

@@ -22,9 +22,10 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from pdjax.cli_errors import UserError
 from pdjax.model.config import DreamConfig
 from pdjax.model.sharding import Rules, state_shardings
 from pdjax.model.transformer import DreamModel, layer_shapes
@@ -49,8 +50,60 @@ LAYER_NAMES: dict[str, str] = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model: names the missing, unexpected or mis-shaped tensors."""
+class CheckpointError(UserError, ValueError):
+    """A model folder that cannot be loaded: not a model folder, unreadable files, or tensors that do not match."""
+
+
+def orbax_checkpoint(path: str | os.PathLike) -> tuple[str, str | None] | None:
+    """(checkpoint.dir, step or None) when `path` is an orbax training checkpoint (its folder or one step), else None."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return None
+    names = set(os.listdir(path))
+    if names & {"_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt"}:
+        step_dir = os.path.abspath(path)
+        parent = os.path.dirname(step_dir)
+        if "_CHECKPOINT_METADATA" not in names and os.path.exists(os.path.join(parent, "_CHECKPOINT_METADATA")):
+            step_dir = parent  # an item folder (state/) of a step
+        step = os.path.basename(step_dir)
+        return os.path.dirname(step_dir), step if step.isdigit() else None
+    if any(n.isdigit() and os.path.exists(os.path.join(path, n, "_CHECKPOINT_METADATA")) for n in names):
+        return os.path.abspath(path), None
+    return None
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` in one line unless `path` looks like a loadable HF model folder.
+
+    An orbax training checkpoint gets the command that exports it; a missing or
+    non-JSON config.json and missing weights are named.
+    """
+    path = os.fspath(path)
+    orbax = orbax_checkpoint(path)
+    if orbax is not None:
+        root, step = orbax
+        raise CheckpointError(
+            f"{path} is an orbax training checkpoint, not a model folder: export it as a Hugging Face folder with "
+            f"`python -m pdjax.train --config CONFIG checkpoint.dir={root} --export DIR"
+            + (f" --step {step}" if step else "")
+            + "` (CONFIG: the training config) and pass that DIR"
+        )
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such model folder")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a folder (a model folder holds config.json and model.safetensors)")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise CheckpointError(f"{path}: no config.json (a model folder holds config.json and model.safetensors)")
+    try:
+        with open(config, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{config}: not a JSON file{where}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{config}: must hold a JSON object, not {type(value).__name__}")
+    _checkpoint_files(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +152,22 @@ class _Stored:
     dtype: str
 
 
+def _weight_map(index: str) -> dict[str, str]:
+    """The tensor -> file map of a safetensors index; `CheckpointError` naming the file if it is unreadable."""
+    try:
+        with open(index, "rb") as f:
+            weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
 def _checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _weight_map(index)
         return sorted(set(weight_map.values()))
     if os.path.exists(os.path.join(path, SINGLE_FILE)):
         return [SINGLE_FILE]
@@ -116,14 +180,19 @@ def read_headers(path: str | os.PathLike) -> dict[str, _Stored]:
     path = os.fspath(path)
     stored: dict[str, _Stored] = {}
     for file in _checkpoint_files(path):
-        with safe_open(os.path.join(path, file), framework="numpy") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                stored[name] = _Stored(file, tuple(sl.get_shape()), sl.get_dtype())
+        full = os.path.join(path, file)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{full}: missing (named by {INDEX_FILE})")
+        try:
+            with safe_open(full, framework="numpy") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    stored[name] = _Stored(file, tuple(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as e:  # truncated or corrupt: "incomplete metadata, file not fully covered", ...
+            raise CheckpointError(f"{full}: truncated or corrupt safetensors file ({e})") from None
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _weight_map(index)
         wrong = sorted(n for n, file in weight_map.items() if n not in stored or stored[n].file != file)
         if wrong:
             raise CheckpointError(f"{INDEX_FILE} lists tensors not found in the named files: {wrong[:20]}")
@@ -235,6 +304,7 @@ def load_pretrained(
     Other keyword arguments override `DreamConfig` fields (e.g. attention_impl, remat).
     """
     path = os.fspath(path)
+    check_model_folder(path)
     overrides = dict(config_overrides)
     if rules is not None:
         overrides["axis_rules"] = rules

@@ -57,15 +57,27 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """
     from transformers import AutoTokenizer
 
-    path = str(path)
-    if os.path.isdir(path) and _custom_tokenizer_class(path):
-        return _builtin_tokenizer(path)
+    from pdjax.cli_errors import UserError
+    from pdjax.model.checkpoint import check_model_folder, orbax_checkpoint
+
+    path = os.fspath(path)
+    if orbax_checkpoint(path) is not None:  # say what the folder is, not what tokenizer files it lacks
+        check_model_folder(path)
+    local = os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if local and not os.path.isdir(path):
+        raise UserError(f"{path}: no such tokenizer folder (pass a folder with tokenizer.json, or a Hub id ORG/NAME)")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except ValueError as e:  # a Hub id whose tokenizer_config names remote code
-        if "trust_remote_code" not in str(e) and "custom code" not in str(e):
-            raise
-        return _builtin_tokenizer(path)
+        if os.path.isdir(path) and _custom_tokenizer_class(path):
+            return _builtin_tokenizer(path)
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except ValueError as e:  # a Hub id whose tokenizer_config names remote code
+            if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+                raise
+            return _builtin_tokenizer(path)
+    except (OSError, ValueError) as e:  # no tokenizer files, an unreachable Hub id: one line naming the source
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{path}: cannot load a tokenizer ({first})") from e
 
 
 def _builtin_tokenizer(path: str) -> Any:

@@ -22,32 +22,32 @@ class PlanError(ValueError):
 
 class NestedAsync(PlanError):
     rule = "nested-async"
-    explanation = "<async> opened inside another <async> block"
+    explanation = "nested <async>: opened inside another <async> block"
 
 
 class UnclosedAsync(PlanError):
     rule = "unclosed-async"
-    explanation = "<async> is never closed by </async>"
+    explanation = "unclosed <async>: the block is never closed by </async>"
 
 
 class StrayAsyncEnd(PlanError):
     rule = "stray-async-end"
-    explanation = "</async> without an open <async>"
+    explanation = "stray </async>: no <async> is open"
 
 
 class ControlTokenInSpan(PlanError):
     rule = "control-token-in-span"
-    explanation = "only text and [PAD] may stand inside an <async> block"
+    explanation = "control token inside an <async> block: only text and [PAD] may stand there"
 
 
 class UnclosedPromise(PlanError):
     rule = "unclosed-promise"
-    explanation = "<promise>-<topic> is not closed by </topic> before the next control token"
+    explanation = "unclosed promise: <promise>-<topic> is not closed by </topic> before the next control token"
 
 
 class StrayPromiseEnd(PlanError):
     rule = "stray-promise-end"
-    explanation = "</topic> without an open <promise>-<topic>"
+    explanation = "stray </topic>: no <promise>-<topic> is open"
 
 
 class MissingPromiseLength(PlanError):

@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from pdjax.structure import errors
-from pdjax.structure.control import ControlIds
+from pdjax.structure.control import CONTROL_STRINGS, ControlIds
 
 DEFAULT_LENGTH_SCALE = 10
 
@@ -81,6 +81,14 @@ class ParsedResponse:
         return tuple(p for r in self.rounds for p in r.promises)
 
 
+def _name(ids: ControlIds, token: int) -> str:
+    """The text of a control token (for error messages), or its id."""
+    for field, text in CONTROL_STRINGS.items():
+        if getattr(ids, field) == token:
+            return text
+    return f"token id {token}"
+
+
 def promise_number(topic: Sequence[int], ids: ControlIds, position: int) -> int:
     """The length a promise states: the first run of 1-2 digit tokens among its topic tokens."""
     values = [ids.digit_value(int(t)) for t in topic]
@@ -143,7 +151,9 @@ def parse_response(
             elif tok == ids.async_start:
                 raise errors.NestedAsync(pos)
             elif tok in controls and tok != ids.pad and not (allow_masks and tok == ids.mask):
-                raise errors.ControlTokenInSpan(pos, f"token id {tok}")
+                if ids.async_end not in toks[pos + 1 :]:  # the block never closes: that is the fault, not `tok`
+                    raise errors.UnclosedAsync(span_open, f"{_name(ids, tok)} at token {pos} comes before any </async>")
+                raise errors.ControlTokenInSpan(pos, _name(ids, tok))
             continue
         if promise_open is not None:
             if tok == ids.promise_end:
@@ -153,10 +163,10 @@ def parse_response(
                 promises.append(Promise(promise_open, pos, topic, number, length))
                 promise_open = None
             elif tok in controls:
-                raise errors.UnclosedPromise(promise_open, f"token id {tok} at {pos}")
+                raise errors.UnclosedPromise(promise_open, f"{_name(ids, tok)} at token {pos}")
             continue
         if spans and tok not in (ids.async_start, ids.sync, ids.eos):
-            raise errors.TextAfterGroup(pos, f"token id {tok}")
+            raise errors.TextAfterGroup(pos, f"token id {tok} after the last </async>")
         if tok == ids.async_start:
             span_open = pos
         elif tok == ids.async_end:
@@ -171,7 +181,7 @@ def parse_response(
             close_round(pos, "eos")
             for tail in range(pos + 1, len(toks)):
                 if toks[tail] in controls:
-                    raise errors.ControlTokenAfterEnd(tail, f"token id {toks[tail]}")
+                    raise errors.ControlTokenAfterEnd(tail, _name(ids, toks[tail]))
             return ParsedResponse(start, pos + 1, tuple(rounds), truncated=False)
         elif tok == ids.pad:
             raise errors.PadOutsideSpan(pos)

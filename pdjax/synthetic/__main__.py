@@ -7,10 +7,12 @@ import json
 import sys
 from typing import Sequence
 
+from pdjax.cli_errors import cli_main
 from pdjax.synthetic.dataset import DEFAULT_VOCAB_SIZE, build_dataset
 from pdjax.synthetic.generate import DEFAULT_MIX
 
 
+@cli_main("pdjax.synthetic")
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build train.jsonl / heldout.jsonl / tokenizer/ / stats.json under --out, print the stats."""
     p = argparse.ArgumentParser(prog="python -m pdjax.synthetic", description=__doc__)

@@ -12,6 +12,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from pdjax.cli_errors import UserError, cli_main
 from pdjax.train.config import config_dict, load_config
 from pdjax.train.overrides import ConfigError
 
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("pdjax.train")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m pdjax.train` and `pdjax-train`."""
     p = parser()
@@ -53,9 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        p.error(str(e))
+        raise UserError(str(e)) from None
     except OSError as e:
-        p.error(f"cannot read the config: {e}")
+        raise UserError(f"cannot read the config: {e}") from None
     if args.print_config:
         import yaml
 

@@ -129,7 +129,12 @@ def load(cls: type[T], path: str | None, overrides: Sequence[str] = ()) -> T:
     data: dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as e:  # one line: the problem and where
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
@@ -189,8 +194,8 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
+        if value is None:  # an empty section: its defaults (a ConfigError naming any required key)
+            return from_dict(tp, {}, root=root, prefix=key + ".")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
         return from_dict(tp, value, root=root, prefix=key + ".")
