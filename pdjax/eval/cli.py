@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from pdjax import compile_cache
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
 from pdjax.decode.cli import UserError, resolve_model
 from pdjax.eval.prompts import PromptError
@@ -65,6 +66,7 @@ def _add_generate(sub: Any) -> None:
     r.add_argument("--buckets", default="", help="comma-separated window sizes (default: powers of two)")
     r.add_argument("--attention_impl", default=None, help="xla, pallas_tpu, splash_dense (default: the model's)")
     r.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: stored)")
+    compile_cache.add_flag(r)
     k = g.add_argument_group("decoding knobs (METHOD §4)")
     k.add_argument("--steps_ratio", type=float, default=d.steps_ratio)
     k.add_argument("--confidence_threshold", type=float, default=d.confidence_threshold)
@@ -158,6 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit("--shard_index and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
         raise SystemExit(f"--shard_index must be in [0, {args.num_shards})")
+    compile_cache.enable(disabled=args.no_compilation_cache)
     options = options_from_args(args)
     model_path = resolve_model(args.model) if args.model else default_model_path(args.mode)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
