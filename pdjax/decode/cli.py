@@ -296,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad flag (2, argparse has printed why)
         return int(e.code or 0)
     compile_cache.enable(disabled=args.no_compilation_cache)
+    # pdjax runs its own JAX model and uses transformers for tokenizers only: its "PyTorch was not found" advice
+    # would mislead a user of the no-extras install
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     status = Status()
     try:
         return _run(args, status)
