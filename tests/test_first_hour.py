@@ -15,6 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_tiny_cpu_config_generates_its_data_and_tokenizer_on_first_use(tmp_path):
     """`python -m pdjax.train --config configs/tiny_cpu.yaml` in a folder with no data: the config's own source
     writes data and tokenizer (a smaller data set and 2 steps here, same paths), trains and exports."""
