@@ -115,8 +115,11 @@ def test_pd_json_with_a_prompt_file(planned_qwen2, tmp_path, capsys):
     prompt_file.write_text('{"prompt": "w1 w2"}\nw3 w4 w5\n\n{"instruction": "w6"}\n')
     code = main(["--model", planned_qwen2, "--prompt-file", str(prompt_file), "--max_length", "40", "--buckets", "40",
                  "--batch_size", "2", "--json", "--seed", "1", "--temperature", "0.7"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
+    # what it is doing, on stderr (stdout stays one JSON object per prompt)
+    assert err.splitlines() == [f"loading {planned_qwen2} ...", "compiling the pd decoder for batch 2 x 40 tokens ...",
+                                "decoding prompts 1-2 of 3 in mode pd ...", "decoding prompt 3 of 3 in mode pd ..."]
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [r["prompt"] for r in records] == ["w1 w2", "w3 w4 w5", "w6"]
     for r in records:

@@ -73,6 +73,7 @@ class Decoder:
         self._compiled: set[tuple] = set()  # input signatures (shapes, dtypes, shardings) compiled so far
         self.on_compile: Callable[[str], None] | None = None  # told "compiling ..." before each compilation
         self._pending_compile_s = 0.0  # compile time not yet charged to a batch's stats
+        self.on_batch: Callable[[int, int, int], None] | None = None  # told (first, end, total) before each batch
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> "Decoder":
@@ -166,6 +167,8 @@ class Decoder:
         compile_s, self._pending_compile_s = self._pending_compile_s, 0.0
         results: list[DecodeResult] = []
         for start in range(0, len(checked), b):
+            if self.on_batch is not None:
+                self.on_batch(start, min(start + b, len(checked)), len(checked))
             results.extend(self._batch(checked[start : start + b], knobs, params, compile_s))
             compile_s = 0.0  # charged to the first batch only
         return results

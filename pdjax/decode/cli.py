@@ -341,7 +341,9 @@ def _run(args: argparse.Namespace, status: Status) -> int:
         checked = [decoder.check_prompt(p, i) for i, p in enumerate(prompt_ids)]
         decoder.compile(options=options)
         budget = f", {max_new_tokens} new tokens at most" if max_new_tokens else ""
-        status(f"decoding {len(checked)} prompt(s) in mode {args.mode}{budget} ...")
+        decoder.on_batch = lambda first, end, total: status(
+            f"decoding prompt{'s' if end - first > 1 else ''} {first + 1}{f'-{end}' if end - first > 1 else ''} "
+            f"of {total} in mode {args.mode}{budget} ...")
         results = decoder.generate(checked, options)
     except (DecodeInputError, ValueError) as e:
         raise UserError(str(e)) from None
