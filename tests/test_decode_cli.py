@@ -270,3 +270,13 @@ def test_eos_falls_back_to_the_tokenizer_eos(plain_qwen2, planned_qwen2):
     assert eos_id(plain) == plain.convert_tokens_to_ids("<eos>")
     assert eos_id(planned) == planned.convert_tokens_to_ids("<|im_end|>")
     assert np.all([planned.convert_tokens_to_ids(s) > 0 for s in CONTROLS])
+
+
+def test_default_max_length_is_the_models_positions_at_most_2048(plain_qwen2, capsys):
+    """No --max_length: the model's max_position_embeddings (128 for this checkpoint), capped at the released 2048."""
+    from pdjax.decode.cli import main
+
+    assert json.loads(open(os.path.join(plain_qwen2, "config.json")).read())["max_position_embeddings"] == 128
+    assert main(["--model", plain_qwen2, "--prompt", "w1 w2", "--mode", "ar", "--no_chat_template",
+                 "--temperature", "0", "--max_new_tokens", "3", "--json"]) == 0
+    assert "compiling the ar decoder for batch 1 x 128 tokens ..." in capsys.readouterr().err

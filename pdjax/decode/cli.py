@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from pdjax import compile_cache
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, default_model_path, read_model_info
 
+DEFAULT_MAX_LENGTH = 2048  # the released decoder's default; lower when the model's positions end earlier
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
 
 
@@ -80,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd",
                      help="pd: planned diffusion; ar: causal decoding with KV cache (needs only an eos token); "
                      "diffusion: Dream diffusion over --max_new_tokens masks (default: pd)")
-    dec.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=2048,
+    dec.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=None,
                      help="prompt + response tokens. A promise whose span does not fit is shortened to the room "
                      "left (spans keep their length in promise order while it lasts); if not even its tags fit, "
-                     "the answer stops after the plan (default: 2048)")
+                     f"the answer stops after the plan (default: the model's max_position_embeddings, at most "
+                     f"{DEFAULT_MAX_LENGTH})")
     dec.add_argument("--max_new_tokens", type=POSITIVE_INT, default=None,
                      help="response budget below max_length; in mode diffusion, the number of masks (default: "
                      "max_length - prompt; in mode diffusion the model's generation_config.json max_new_tokens, "
@@ -201,9 +203,11 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
         ids = None
     buckets = args.buckets or ()
     try:
+        model = load_pretrained(path)
+        if args.max_length is None:  # the positions the model was trained for, as the released decoder's 2048 at most
+            args.max_length = min(DEFAULT_MAX_LENGTH, int(model.config.max_position_embeddings))
         config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
                               max_spans=args.max_spans, buckets=buckets, profile=args.profile)
-        model = load_pretrained(path)
         decoder = Decoder.from_model(model, eos_id=eos_id(tokenizer), ids=ids, config=config)
     except (OSError, ValueError) as e:  # missing files, mismatched checkpoints, unsupported configs, bad knobs
         raise UserError(str(e)) from None
