@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Create a Cloud TPU VM (or multi-host slice), install pdjax on every worker, train, stream logs, tear down.
 
-Every step is one or more `gcloud` commands; `--dry-run` prints them instead of
-running them. Multi-host slices run the same command on all workers
+Every step is one or more `gcloud` commands; `--dry-run` (anywhere on the line, also
+after `--`) prints them instead of running them. Multi-host slices run the same command on all workers
 (`--worker=all`); `python -m pdjax.train` calls `jax.distributed.initialize()`
 there, and each host reads its own shard of the data. Checkpoints go wherever
 the training config's checkpoint directory points (a `gs://` bucket on slices).
@@ -53,36 +53,67 @@ def _version() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """A TPU generation: accelerator-type prefix, default runtime, chips per host, cores per chip."""
+    """A TPU generation: accelerator-type prefix, default runtime, host shape, and the slice sizes Cloud TPU offers."""
 
     prefix: str
     runtime: str
     chips_per_host: int
-    cores_per_chip: int  # v5p counts TensorCores in its accelerator type (2 per chip)
+    cores_per_chip: int  # v4 and v5p count TensorCores in the accelerator type (2 per chip)
     single_host_chips: int  # the largest slice that is one VM
+    sizes: tuple[int, ...]  # the N of <prefix>-N that exist
 
 
+# Cloud TPU's accelerator types (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}): v4 and v5p slices are 2x2x1, 2x2x2,
+# 2x2x4 and 2x4x4 chips, then whole 4x4x4 cubes (64 chips = 128 TensorCores) up to the largest slice (v4: 4,096
+# chips; v5p: 16x16x24 = 6,144 chips); v5e and v6e slices are 1, 4, 8, ... 256 chips.
+_CUBES = (8, 16, 32, 64)
 GENERATIONS = {
-    "v5e": Generation("v5litepod", "v2-alpha-tpuv5-lite", 4, 1, 8),
-    "v5p": Generation("v5p", "v2-alpha-tpuv5", 4, 2, 4),
-    "v6e": Generation("v6e", "v2-alpha-tpuv6e", 4, 1, 8),
+    "v4": Generation("v4", "tpu-ubuntu2204-base", 4, 2, 4, _CUBES + tuple(range(128, 8192 + 1, 128))),
+    "v5e": Generation("v5litepod", "v2-alpha-tpuv5-lite", 4, 1, 8, (1, 4, 8, 16, 32, 64, 128, 256)),
+    "v5p": Generation("v5p", "v2-alpha-tpuv5", 4, 2, 4, _CUBES + tuple(range(128, 12288 + 1, 128))),
+    "v6e": Generation("v6e", "v2-alpha-tpuv6e", 4, 1, 8, (1, 4, 8, 16, 32, 64, 128, 256)),
 }
+ALIASES = {"v5e": "v5litepod", "v5lite": "v5litepod"}  # names people type for gcloud's v5litepod
+
+
+class AcceleratorError(UserError, ValueError):
+    """An accelerator type Cloud TPU does not offer."""
+
+
+def _sizes_hint(gen: Generation) -> str:
+    small = [s for s in gen.sizes if s <= 256]
+    more = f", ... {gen.sizes[-1]} (whole cubes: multiples of 128)" if gen.sizes[-1] > 256 else ""
+    return ", ".join(str(s) for s in small) + more
 
 
 def parse_accelerator(accelerator: str) -> tuple[Generation, int]:
-    """('v5p-32') -> (v5p generation, number of hosts)."""
-    try:
-        prefix, size = accelerator.rsplit("-", 1)
-        count = int(size)
-    except ValueError:
-        raise UserError(f"accelerator type {accelerator!r} is not of the form <type>-<size>, e.g. v5p-32") from None
+    """('v5p-32') -> (v5p generation, number of hosts); an `AcceleratorError` for a type that does not exist."""
+    prefix, _, size = accelerator.rpartition("-")
+    if not prefix or not size.isdigit():
+        raise AcceleratorError(f"accelerator type {accelerator!r} is not of the form <type>-<size>, e.g. v5p-32")
+    count = int(size)
+    if prefix in ALIASES:
+        raise AcceleratorError(f"unknown accelerator type {accelerator!r}; gcloud calls it {ALIASES[prefix]}-{size}")
     for gen in GENERATIONS.values():
         if gen.prefix == prefix:
+            if count not in gen.sizes:
+                unit = "TensorCores" if gen.cores_per_chip > 1 else "chips"
+                raise AcceleratorError(f"{accelerator!r} is not a Cloud TPU slice: {prefix}-N counts {unit}, "
+                                       f"N one of {_sizes_hint(gen)}")
             chips = count // gen.cores_per_chip
             hosts = 1 if chips <= gen.single_host_chips else chips // gen.chips_per_host
             return gen, hosts
     known = ", ".join(f"{g.prefix}-N" for g in GENERATIONS.values())
-    raise UserError(f"unknown accelerator type {accelerator!r}; pdjax launches {known}")
+    raise AcceleratorError(f"unknown accelerator type {accelerator!r}; pdjax launches {known}")
+
+
+def accelerator_type(text: str) -> str:
+    """argparse type of --accelerator: the type itself, validated."""
+    try:
+        parse_accelerator(text)
+    except AcceleratorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 class Runner:
@@ -180,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--name", required=True, help="TPU VM / slice name")
         sp.add_argument("--zone", required=True, help="e.g. us-east5-a (v5p), us-west4-a (v5e), us-east1-d (v6e)")
         sp.add_argument("--project", default=None, help="GCP project (default: gcloud's configured project)")
-        sp.add_argument("--dry-run", action="store_true", help="print the gcloud commands instead of running them")
-        if accelerator:
-            sp.add_argument("--accelerator", required=True, help="v5litepod-N (v5e), v5p-N, v6e-N")
+        sp.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="print the gcloud commands instead of running them (anywhere on the line, also after --)")
+        sp.add_argument("--accelerator", type=accelerator_type, required=accelerator,
+                        help="v4-N, v5p-N (N TensorCores), v5litepod-N (v5e), v6e-N (N chips)"
+                        + ("" if accelerator else "; optional here, checked when given"))
 
     sp = sub.add_parser("create", help="create the TPU VM or slice")
     common(sp, accelerator=True)
@@ -223,10 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
+
+
 @cli_main("launch/tpu.py")
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.fn(args, Runner(args.dry_run))
+    """Run one step; ``--dry-run`` anywhere in argv (also among the overrides after ``--``) only prints."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = any(a in DRY_RUN_FLAGS for a in argv)
+    args = build_parser().parse_args([a for a in argv if a not in DRY_RUN_FLAGS])
+    args.fn(args, Runner(dry_run))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def ship(src: str, dst: str, mode: str, config_path: str, heldout: str, num_held
     if os.path.isdir(dst):
         shutil.rmtree(dst)
     save_pretrained(model, dst, tokenizer=tokenizer, dtype=jnp.bfloat16)
+    if os.path.isfile(os.path.join(src, "generation_config.json")):  # the decode mode and mask count of the export
+        shutil.copy(os.path.join(src, "generation_config.json"), dst)
     rows = read_jsonl(heldout, num_heldout)
     with open(os.path.join(dst, "heldout.jsonl"), "w", encoding="utf-8") as f:
         for r in rows:

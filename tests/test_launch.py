@@ -1,5 +1,9 @@
-"""launch/tpu.py --dry-run prints the exact gcloud commands of a v5p-32 multi-host job."""
+"""launch/tpu.py --dry-run prints the exact gcloud commands of a v5p-32 multi-host job; every documented example
+runs as written; accelerator types are the ones Cloud TPU offers."""
 
+import importlib.util
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -71,3 +75,118 @@ def test_unknown_accelerator_is_a_clear_error():
         capture_output=True, text=True, cwd=ROOT,
     )
     assert out.returncode != 0 and "unknown accelerator type 'v9x-8'" in out.stderr
+
+
+# ---- every documented example runs as written under --dry-run; --dry-run anywhere never runs gcloud ----------
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path):
+    """A `gcloud` first on PATH that records that it ran: dry runs must leave no record."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "gcloud_ran"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return env, record
+
+
+def _launch(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "tpu.py"), *argv], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=60)
+
+
+def _examples(text: str) -> list[list[str]]:
+    """`python launch/tpu.py ...` command lines in `text` (backslash continuations joined, # comments dropped)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    lines = [line.strip() for line in joined.splitlines() if line.strip().startswith("python launch/tpu.py")]
+    return [shlex.split(line, comments=True)[2:] for line in lines]
+
+
+def _help_examples() -> list[list[str]]:
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "tpu.py"), "--help"], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    return _examples(done.stdout.split("Examples:", 1)[1])
+
+
+def _readme_examples() -> list[list[str]]:
+    return _examples((ROOT / "README.md").read_text(encoding="utf-8"))
+
+
+def test_the_examples_are_found():
+    steps = {argv[0] for argv in _help_examples()}
+    assert steps == {"create", "setup", "train", "logs", "delete"}
+    assert {argv[0] for argv in _readme_examples()} == {"create", "setup", "data", "train", "logs", "delete"}
+
+
+@pytest.mark.parametrize("source", ["help", "README"])
+def test_every_example_runs_under_dry_run(source, fake_gcloud):
+    env, record = fake_gcloud
+    examples = _help_examples() if source == "help" else _readme_examples()
+    for argv in examples:
+        line = argv if "--dry-run" in argv else [*argv, "--dry-run"]  # appended: after `--` for train
+        done = _launch(line, env)
+        assert done.returncode == 0, f"{shlex.join(line)}\n{done.stderr}"
+        assert done.stdout.strip(), shlex.join(line)  # the commands it would run
+    assert not record.exists(), record.read_text()
+
+
+def test_dry_run_after_double_dash_is_not_passed_to_training_and_runs_nothing(fake_gcloud):
+    env, record = fake_gcloud
+    done = _launch(["train", "--name", "pd", "--zone", "us-east5-a", "--accelerator", "v5p-32", "--config",
+                    "configs/dream7b_planned_v5p.yaml", "--", "steps=10", "--dry-run"], env)
+    assert done.returncode == 0, done.stderr
+    assert not record.exists()
+    remote = shlex.split(done.stdout.splitlines()[-1])[-1]
+    assert "python -m pdjax.train --config configs/dream7b_planned_v5p.yaml steps=10 >" in remote
+    assert "dry" not in remote
+
+
+def test_without_dry_run_gcloud_runs(fake_gcloud):
+    """The fake gcloud sees real runs (so the dry-run tests above can fail)."""
+    env, record = fake_gcloud
+    done = _launch(["delete", "--name", "pd", "--zone", "us-east5-a"], env)
+    assert done.returncode == 0, done.stderr
+    assert record.read_text().split() == ["compute", "tpus", "tpu-vm", "delete", "pd", "--zone=us-east5-a", "--quiet"]
+
+
+# Cloud TPU's documented slice types; hosts = chips / 4 beyond one VM (v4/v5p: 4 chips per VM, v5e/v6e: up to 8).
+@pytest.mark.parametrize(("accel", "hosts"), [
+    ("v4-8", 1), ("v4-16", 2), ("v4-384", 48), ("v4-4096", 512),
+    ("v5p-8", 1), ("v5p-16", 2), ("v5p-32", 4), ("v5p-64", 8), ("v5p-128", 16), ("v5p-384", 48), ("v5p-12288", 1536),
+    ("v5litepod-1", 1), ("v5litepod-4", 1), ("v5litepod-8", 1), ("v5litepod-16", 4), ("v5litepod-256", 64),
+    ("v6e-1", 1), ("v6e-8", 1), ("v6e-16", 4), ("v6e-256", 64),
+])
+def test_real_accelerator_types_and_their_hosts(accel, hosts):
+    assert _tpu_module().parse_accelerator(accel)[1] == hosts
+
+
+def _tpu_module():
+    """launch/tpu.py imported as a module (it is a script, not part of the package)."""
+    if "pdjax_launch_tpu" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pdjax_launch_tpu", ROOT / "launch" / "tpu.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules["pdjax_launch_tpu"]
+
+
+@pytest.mark.parametrize(("accel", "message"), [
+    ("v5p-31", "'v5p-31' is not a Cloud TPU slice: v5p-N counts TensorCores"),
+    ("v5p-4", "'v5p-4' is not a Cloud TPU slice"),
+    ("v5p-200", "'v5p-200' is not a Cloud TPU slice"),
+    ("v5p-12416", "'v5p-12416' is not a Cloud TPU slice"),
+    ("v4-12", "'v4-12' is not a Cloud TPU slice"),
+    ("v6e-2", "'v6e-2' is not a Cloud TPU slice: v6e-N counts chips"),
+    ("v5litepod-512", "'v5litepod-512' is not a Cloud TPU slice"),
+    ("v5e-8", "gcloud calls it v5litepod-8"),
+    ("v5p", "is not of the form <type>-<size>"),
+    ("v5p-x", "is not of the form <type>-<size>"),
+])
+def test_invalid_accelerator_types_are_one_line_errors(accel, message, fake_gcloud):
+    env, record = fake_gcloud
+    for step in ("create", "setup"):  # required for create, optional (but checked) for setup
+        done = _launch([step, "--name", "pd", "--zone", "z", "--accelerator", accel], env)
+        assert done.returncode == 2 and message in done.stderr.splitlines()[-1], done.stderr
+        assert "Traceback" not in done.stderr
+    assert not record.exists()

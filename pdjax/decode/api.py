@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,10 @@ class Decoder:
         self.profiler = Profiler() if config.profile else None
         static = _Static(config, forward.apply, forward.make_cache, self.eos_id, ids, self.vocab_size, self.profiler)
         self._run = jax.jit(_Program(static).run)
+        self._compiled: set[tuple] = set()  # input signatures (shapes, dtypes, shardings) compiled so far
+        self.on_compile: Callable[[str], None] | None = None  # told "compiling ..." before each compilation
+        self._pending_compile_s = 0.0  # compile time not yet charged to a batch's stats
+        self.on_batch: Callable[[int, int, int], None] | None = None  # told (first, end, total) before each batch
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> "Decoder":
@@ -90,6 +94,34 @@ class Decoder:
                 raise DecodeInputError(f"eos_id {self.eos_id} differs from the control ids' <|im_end|> {self.ids.eos}")
         if not 0 <= self.eos_id < v:
             raise DecodeInputError(f"eos id {self.eos_id} is outside the model's vocabulary ({v})")
+
+    def compile(self, params: Any = None, options: DecodeOptions = DecodeOptions()) -> float:
+        """Compile (or read from the persistent cache) the program for `params`' placement; returns seconds.
+
+        `generate` calls it on a new input placement, so its wall times never include compilation; the
+        time is reported in the next batch's `DecodeStats.compile_time_s`.
+        """
+        c = self.config
+        params = self.forward.params if params is None else params
+        tokens = np.zeros((c.batch_size, c.max_length + 1), np.int32)
+        lengths = np.zeros((c.batch_size,), np.int32)
+        knobs = make_knobs(options, c.max_length)
+        key = self._signature((params, knobs))
+        if key in self._compiled:
+            return 0.0
+        if self.on_compile is not None:
+            self.on_compile(f"compiling the {c.mode} decoder for batch {c.batch_size} x {c.max_length} tokens ...")
+        t0 = time.perf_counter()
+        self._run.lower(params, tokens, lengths, knobs).compile()  # also fills jit's own cache for these inputs
+        self._compiled.add(key)
+        seconds = time.perf_counter() - t0
+        self._pending_compile_s += seconds
+        return seconds
+
+    @staticmethod
+    def _signature(params: Any) -> tuple:
+        leaves = jax.tree.leaves(params)
+        return tuple((np.shape(x), str(getattr(x, "dtype", "")), getattr(x, "sharding", None)) for x in leaves)
 
     def compiled_programs(self) -> int:
         """How many programs the decoder has compiled so far (one per batch shape; prompts never add any)."""
@@ -130,12 +162,18 @@ class Decoder:
         knobs = make_knobs(options, self.config.max_length)
         params = self.forward.params if params is None else params
         b = self.config.batch_size
+        if checked:
+            self.compile(params, options)
+        compile_s, self._pending_compile_s = self._pending_compile_s, 0.0
         results: list[DecodeResult] = []
         for start in range(0, len(checked), b):
-            results.extend(self._batch(checked[start : start + b], knobs, params))
+            if self.on_batch is not None:
+                self.on_batch(start, min(start + b, len(checked)), len(checked))
+            results.extend(self._batch(checked[start : start + b], knobs, params, compile_s))
+            compile_s = 0.0  # charged to the first batch only
         return results
 
-    def _batch(self, prompts: list[list[int]], knobs: Any, params: Any) -> list[DecodeResult]:
+    def _batch(self, prompts: list[list[int]], knobs: Any, params: Any, compile_s: float) -> list[DecodeResult]:
         c = self.config
         tokens = np.zeros((c.batch_size, c.max_length + 1), np.int32)
         lengths = np.zeros((c.batch_size,), np.int32)  # rows past the prompts: length 0, done from the start
@@ -148,9 +186,10 @@ class Decoder:
         out: Output = jax.device_get(self._run(params, tokens, lengths, knobs))
         wall = time.perf_counter() - t0
         phase_time = dict(self.profiler.seconds) if self.profiler is not None else None
-        return [self._result(out, i, p, wall, phase_time) for i, p in enumerate(prompts)]
+        return [self._result(out, i, p, wall, phase_time, compile_s) for i, p in enumerate(prompts)]
 
-    def _result(self, out: Output, i: int, prompt: list[int], wall: float, phase_time: dict | None) -> DecodeResult:
+    def _result(self, out: Output, i: int, prompt: list[int], wall: float, phase_time: dict | None,
+                compile_s: float = 0.0) -> DecodeResult:
         response = [int(t) for t in out.tokens[i, len(prompt) : int(out.n[i])]]
         if self.config.mode == "diffusion" and self.eos_id in response:  # what follows the first eos is filler
             response = response[: response.index(self.eos_id) + 1]
@@ -171,6 +210,7 @@ class Decoder:
             batch_size=self.config.batch_size,
             loop_iterations=int(out.iterations),
             phase_time_s=phase_time,
+            compile_time_s=compile_s,
         )
         return DecodeResult(prompt, response, stats)
 

@@ -11,13 +11,51 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main  # UserError: the one-line error type of every pdjax command
+from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, default_model_path, read_model_info
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model" / "pd"
+DEFAULT_MAX_LENGTH = 2048  # the released decoder's default; lower when the model's positions end earlier
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            what: str = "") -> Any:
+    """An argparse type: `kind` within [low, high] ((low, high] with `low_open`); argparse reports the error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    """--buckets: comma-separated positive integers."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers, e.g. 64,256,1024")
+    try:
+        sizes = tuple(int(t) for t in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"bucket sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+POSITIVE_INT = _number(int, 1, what=">= 1")
+NON_NEGATIVE_INT = _number(int, 0, what=">= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,49 +70,56 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", "--prompt_file", dest="prompt_file",
                      help="one prompt per line, or JSONL with a 'prompt' or 'instruction' field")
     src.add_argument("--model", default=None,
-                     help=f"a local HF-layout folder (config.json, safetensors, tokenizer) or a Hugging Face id "
-                     f"(default: the shipped model at {DEFAULT_MODEL})")
+                     help="a local HF-layout folder (config.json, safetensors, tokenizer) or a Hugging Face id "
+                     "(default: the shipped model of --mode, pdjax/assets/default_model/{pd,ar,diffusion})")
     src.add_argument("--no_chat_template", action="store_true",
                      help="tokenize prompts as-is instead of the chat template with the system prompt")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--mode", choices=("pd", "ar", "diffusion", "dream"), default="pd",
                      help="pd: planned diffusion; ar: causal decoding with KV cache (needs only an eos token); "
-                     "diffusion: Dream diffusion over max_length - prompt masks; dream: Dream's own "
+                     "diffusion: Dream diffusion over --max_new_tokens masks; dream: Dream's own "
                      "diffusion_generate (full bidirectional attention, no cache; pdjax/decode/dream.py) (default: pd)")
-    dec.add_argument("--max_length", type=int, default=2048,
+    dec.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=None,
                      help="prompt + response tokens. A promise whose span does not fit is shortened to the room "
                      "left (spans keep their length in promise order while it lasts); if not even its tags fit, "
-                     "the answer stops after the plan (default: 2048)")
-    dec.add_argument("--max_new_tokens", type=int, default=None,
-                     help="response budget below max_length; in mode diffusion, the number of masks "
-                     "(default: max_length - prompt)")
-    dec.add_argument("--steps_ratio", type=float, default=1.0,
+                     f"the answer stops after the plan (default: the model's max_position_embeddings, at most "
+                     f"{DEFAULT_MAX_LENGTH})")
+    dec.add_argument("--max_new_tokens", type=POSITIVE_INT, default=None,
+                     help="response budget below max_length; in mode diffusion, the number of masks (default: "
+                     "max_length - prompt; in mode diffusion the model's generation_config.json max_new_tokens, "
+                     "else " + str(DEFAULT_DIFFUSION_MASKS) + ")")
+    dec.add_argument("--steps_ratio", type=_number(float, 0.0, low_open=True, what="> 0"), default=1.0,
                      help="denoising steps per group = int(longest span * steps_ratio), at least 1 (default: 1.0)")
-    dec.add_argument("--confidence_threshold", type=float, default=None,
+    dec.add_argument("--confidence_threshold", type=_number(float, 0.0, 1.0, what="in [0, 1]"), default=None,
                      help="threshold variant: beyond the most confident mask per span, unmask only tokens whose "
                      "probability is >= this (ranked by probability; --alg is then unused)")
-    dec.add_argument("--length_scale", type=float, default=10.0,
+    dec.add_argument("--length_scale", type=_number(float, 0.0, low_open=True, what="> 0"), default=10.0,
                      help="mask slots per unit of a promise's stated length (default: 10)")
     dec.add_argument("--alg", choices=("entropy", "maskgit_plus", "topk_margin", "origin"), default="entropy",
                      help="confidence that ranks masks for unmasking; origin (mode dream only): each mask moves "
                      "with probability 1 - s/t (default: entropy)")
-    dec.add_argument("--alg_temp", type=float, default=0.0,
+    dec.add_argument("--alg_temp", type=_number(float, 0.0, what=">= 0"), default=0.0,
                      help="mode dream: > 0 draws the positions to unmask from softmax(confidence / alg_temp)")
-    dec.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default: 0.2)")
-    dec.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling, 1 = off (default: 0.95)")
-    dec.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (default: off)")
+    dec.add_argument("--temperature", type=_number(float, 0.0, what=">= 0"),
+                     default=0.2, help="0 = greedy (default: 0.2)")
+    dec.add_argument("--top_p", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"),
+                     default=0.95, help="nucleus sampling, 1 = off (default: 0.95)")
+    dec.add_argument("--top_k", type=POSITIVE_INT,
+                     default=None, help="keep the k most likely tokens (default: off)")
     dec.add_argument("--disable_block_sparsity", action="store_true",
                      help="dense group attention (PD-DA): the spans of a round see each other")
     dec.add_argument("--use_cache", action="store_true",
                      help="accepted for compatibility: pdjax always decodes with its exact KV cache")
-    dec.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+    dec.add_argument("--seed", type=NON_NEGATIVE_INT, default=42, help="sampling seed (default: 42)")
     run = p.add_argument_group("running")
-    run.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (default: 1)")
-    run.add_argument("--max_spans", type=int, default=16, help="most promises per plan round (default: 16)")
-    run.add_argument("--buckets", type=str, default=None,
+    run.add_argument("--batch_size", type=POSITIVE_INT, default=1, help="prompts decoded together (default: 1)")
+    run.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="most promises per plan round (default: 16)")
+    run.add_argument("--buckets", type=_buckets, default=None,
                      help="comma-separated static call widths (default: powers of two from 32)")
     run.add_argument("--profile", action="store_true",
-                     help="time each kind of model call with host callbacks (slower; off by default)")
+                     help="time each kind of model call with host callbacks and print the phase table "
+                     "(slower; off by default)")
+    compile_cache.add_flag(run)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
@@ -110,15 +155,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def resolve_model(spec: str | None) -> str:
-    """A local folder for --model: the path itself, a downloaded HF snapshot, or the shipped default."""
+def resolve_model(spec: str | None, mode: str = "pd") -> str:
+    """A local folder for --model: the path itself, a downloaded HF snapshot, or the shipped model of `mode`."""
     if spec is None:
-        if not (DEFAULT_MODEL / "config.json").is_file():
+        default = default_model_path(mode)
+        if not os.path.isfile(os.path.join(default, "config.json")):
             raise UserError(
-                f"the default model is not shipped in this installation yet (expected a checkpoint at "
-                f"{DEFAULT_MODEL}); pass --model DIR (an HF-layout folder) or --model ORG/NAME (a Hugging Face id)"
+                f"the default {mode} model is not shipped in this installation (expected a checkpoint at "
+                f"{default}); pass --model DIR (an HF-layout folder) or --model ORG/NAME (a Hugging Face id)"
             )
-        return str(DEFAULT_MODEL)
+        return default
     if os.path.isdir(spec):
         return spec
     if os.path.exists(spec) or spec.startswith((".", "/")) or spec.count("/") != 1:
@@ -141,15 +187,14 @@ def eos_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(decoder, tokenizer, control ids or None) for the parsed arguments."""
+def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
+    """(decoder, tokenizer, control ids or None) for the parsed arguments and the model folder `path`."""
     from pdjax.decode.api import Decoder
     from pdjax.decode.decoder import DecodeConfig
     from pdjax.model import load_pretrained
     from pdjax.model.tokenizer import control_ids, load_tokenizer
     from pdjax.structure import MissingControlTokens
 
-    path = resolve_model(args.model)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as e:
@@ -160,11 +205,13 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         if args.mode != "ar":
             raise UserError(f"mode {args.mode!r} needs the planned-diffusion control tokens: {e}") from None
         ids = None
-    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else ()
+    buckets = args.buckets or ()
     try:
+        model = load_pretrained(path)
+        if args.max_length is None:  # the positions the model was trained for, as the released decoder's 2048 at most
+            args.max_length = min(DEFAULT_MAX_LENGTH, int(model.config.max_position_embeddings))
         config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
                               max_spans=args.max_spans, buckets=buckets, profile=args.profile)
-        model = load_pretrained(path)
         decoder = Decoder.from_model(model, eos_id=eos_id(tokenizer), ids=ids, config=config)
     except (OSError, ValueError) as e:  # missing files, mismatched checkpoints, unsupported configs, bad knobs
         raise UserError(str(e)) from None
@@ -213,15 +260,59 @@ def render(console: Any, tokenizer: Any, prompt: str, result: Any, ids: Any, tex
         console.print(Panel(view, title="plan and spans", border_style="green"))
     console.print(Panel(Text(text), title="answer", border_style="white"))
     console.print(Text(result.stats.line(), style="cyan"))
+    for row in result.stats.phase_lines():  # --profile
+        console.print(Text(row, style="dim cyan"))
+
+
+class Status:
+    """One line on stderr saying what the CLI is doing: a spinner with elapsed time on a terminal, else a log line."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self._live: Any = None
+        self._task: Any = None
+
+    def __call__(self, text: str) -> None:
+        """Show `text` (replacing the previous status)."""
+        if not self.console.is_terminal:
+            print(text, file=sys.stderr, flush=True)
+            return
+        if self._live is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._live = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                  console=self.console, transient=True)
+            self._live.start()
+        if self._task is not None:
+            self._live.remove_task(self._task)
+        self._task = self._live.add_task(text, total=None)
+
+    def close(self) -> None:
+        """Clear the status line."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+            self._task = None
 
 
 @cli_main("pdjax.decode")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (2 for user errors, printed without a traceback)."""
-    return _run(build_parser().parse_args(argv))
+    """Run the CLI; returns the process exit code (2 for user errors, printed in one line without a traceback)."""
+    args = build_parser().parse_args(argv)
+    compile_cache.enable(disabled=args.no_compilation_cache)
+    # pdjax runs its own JAX model and uses transformers for tokenizers only: its "PyTorch was not found" advice
+    # would mislead a user of the no-extras install
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    status = Status()
+    try:
+        return _run(args, status)
+    finally:
+        status.close()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, status: Status) -> int:
     from pdjax.decode.api import DecodeInputError
     from pdjax.decode.decoder import DecodeOptions
     from pdjax.model.tokenizer import chat_prompt_ids
@@ -231,21 +322,38 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_decode_cli(args)
     prompts = read_prompts(args)
+    path = resolve_model(args.model, args.mode)
+    info = read_model_info(path)
+    if args.model is not None and info.mode is not None and info.mode != args.mode:
+        print(f"warning: {args.model} was trained for mode {info.mode!r}, not {args.mode!r}: expect empty or "
+              f"malformed answers (drop --model to use the shipped {args.mode} model)", file=sys.stderr)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None and args.mode == "diffusion":  # never "the rest of max_length" masks
+        max_new_tokens = info.max_new_tokens or DEFAULT_DIFFUSION_MASKS
     try:
         options = DecodeOptions(
             steps_ratio=args.steps_ratio, confidence_threshold=args.confidence_threshold,
             length_scale=args.length_scale, alg=args.alg, temperature=args.temperature,
             top_p=None if args.top_p is None or args.top_p >= 1 else args.top_p, top_k=args.top_k,
-            dense=args.disable_block_sparsity, seed=args.seed, max_new_tokens=args.max_new_tokens,
+            dense=args.disable_block_sparsity, seed=args.seed, max_new_tokens=max_new_tokens,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-    decoder, tokenizer, ids = build(args)
+    status(f"loading {path} ...")
+    decoder, tokenizer, ids = build(args, path)
+    decoder.on_compile = status
     try:
         prompt_ids = [chat_prompt_ids(tokenizer, p, chat_template=not args.no_chat_template) for p in prompts]
-        results = decoder.generate(prompt_ids, options)
+        checked = [decoder.check_prompt(p, i) for i, p in enumerate(prompt_ids)]
+        decoder.compile(options=options)
+        budget = f", {max_new_tokens} new tokens at most" if max_new_tokens else ""
+        decoder.on_batch = lambda first, end, total: status(
+            f"decoding prompt{'s' if end - first > 1 else ''} {first + 1}{f'-{end}' if end - first > 1 else ''} "
+            f"of {total} in mode {args.mode}{budget} ...")
+        results = decoder.generate(checked, options)
     except (DecodeInputError, ValueError) as e:
         raise UserError(str(e)) from None
+    status.close()
     console = None
     if not args.json:
         from rich.console import Console

@@ -338,21 +338,26 @@ def run_decode_cli(args: Any) -> int:
     """`python -m pdjax.decode --mode dream`: the decode CLI's flags, Dream's sampler, its output formats."""
     import json
 
-    from pdjax.decode.cli import UserError, read_prompts, render, resolve_model
+    from pdjax.decode.cli import DEFAULT_MAX_LENGTH, UserError, read_prompts, render, resolve_model
+    from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
     from pdjax.model import load_pretrained
     from pdjax.model.tokenizer import chat_prompt_ids, load_tokenizer, special_ids
 
     prompts = read_prompts(args)
+    path = resolve_model(args.model, "diffusion")  # no --model: the shipped diffusion-only model
+    info = read_model_info(path)
+    max_new_tokens = args.max_new_tokens or info.max_new_tokens or DEFAULT_DIFFUSION_MASKS
     try:
         options = DreamOptions(steps_ratio=args.steps_ratio, alg=args.alg, alg_temp=args.alg_temp,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               max_new_tokens=args.max_new_tokens)
-        path = resolve_model(args.model)
+                               max_new_tokens=max_new_tokens)
         tokenizer = load_tokenizer(path)
         special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer
-        buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else ()
-        config = DreamSamplerConfig(max_length=args.max_length, batch_size=args.batch_size, buckets=buckets)
-        decoder = dream_decoder(model_forward(load_pretrained(path)), tokenizer, config, special=special)
+        model = load_pretrained(path)
+        max_length = args.max_length or min(DEFAULT_MAX_LENGTH, int(model.config.max_position_embeddings))
+        config = DreamSamplerConfig(max_length=max_length, batch_size=args.batch_size,
+                                    buckets=tuple(args.buckets or ()))
+        decoder = dream_decoder(model_forward(model), tokenizer, config, special=special)
         prompt_ids = [chat_prompt_ids(tokenizer, p, chat_template=not args.no_chat_template) for p in prompts]
         results = decoder.generate(prompt_ids, options)
     except (OSError, ValueError) as e:  # missing files, bad checkpoints or ids, knobs, prompts too long

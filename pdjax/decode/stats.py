@@ -38,6 +38,7 @@ class DecodeStats:
     batch_size: int
     loop_iterations: int  # of the batch's while_loop
     phase_time_s: dict[str, float] | None = None  # of the batch, with profiling only
+    compile_time_s: float = 0.0  # compiling (or reading from the cache) before this batch; not in wall_time_s
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -49,8 +50,22 @@ class DecodeStats:
         return (
             f"{self.model_calls} model calls (prefill {self.prefill_calls}, plan {self.plan_calls}, "
             f"denoise {self.denoise_calls}, commit {self.commit_calls}), {self.tokens_generated} tokens, "
-            f"{self.rounds} rounds, {self.spans} spans{spans}; {self.wall_time_s:.2f} s, finish {self.finish_reason}"
+            f"{self.rounds} rounds, {self.spans} spans{spans}; decode {self.wall_time_s:.2f} s"
+            + (f" (+ compile {self.compile_time_s:.2f} s)" if self.compile_time_s else "")
+            + f", finish {self.finish_reason}"
         )
+
+    def phase_lines(self) -> list[str]:
+        """The profiled phase times as table rows (empty without profiling)."""
+        if not self.phase_time_s:
+            return []
+        total = sum(self.phase_time_s.values()) or 1.0
+        calls = {"prefill": self.prefill_calls, "plan": self.plan_calls, "denoise": self.denoise_calls,
+                 "commit": self.commit_calls}
+        rows = [f"{'phase':<8} {'calls':>6} {'seconds':>9} {'share':>6}"]
+        for phase, seconds in self.phase_time_s.items():
+            rows.append(f"{phase:<8} {calls.get(phase, 0):>6} {seconds:>9.3f} {seconds / total:>6.1%}")
+        return rows
 
 
 class Profiler:

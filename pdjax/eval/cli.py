@@ -20,6 +20,7 @@ import sys
 import warnings
 from typing import Any, Sequence
 
+from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
 from pdjax.decode.cli import resolve_model
@@ -74,6 +75,7 @@ def _add_generate(sub: Any) -> None:
     r.add_argument("--buckets", default="", help="comma-separated window sizes (default: powers of two)")
     r.add_argument("--attention_impl", default=None, help="xla, pallas_tpu, splash_dense (default: the model's)")
     r.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: stored)")
+    compile_cache.add_flag(r)
     k = g.add_argument_group("decoding knobs (METHOD §4)")
     k.add_argument("--steps_ratio", type=float, default=d.steps_ratio)
     k.add_argument("--confidence_threshold", type=float, default=d.confidence_threshold)
@@ -177,6 +179,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError("--shard_index and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
         raise UserError(f"--shard_index must be in [0, {args.num_shards})")
+    compile_cache.enable(disabled=args.no_compilation_cache)
     try:
         options = options_from_args(args)
     except ValueError as e:  # knobs out of range, an alg the mode lacks

@@ -7,7 +7,6 @@ no latency includes compilation.
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import time
 from typing import Any, Sequence
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 import jax
 
 from pdjax.decode import DecodeConfig, DecodeInputError, DecodeOptions, Decoder, DecodeResult, model_forward
+from pdjax.decode.model_info import default_model_path  # noqa: F401  (one definition, shared with pdjax.decode)
 from pdjax.eval.prompts import Prompt
 from pdjax.structure import ControlIds, MissingControlTokens, clean_tokens
 
@@ -27,11 +27,6 @@ def _eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise DecodeInputError("the tokenizer has neither <|im_end|> nor an eos token: nothing can end a response")
     return int(tokenizer.eos_token_id)
-
-
-def default_model_path(mode: str) -> str:
-    """The shipped default model of `mode` (pdjax/assets/default_model/{pd,ar,diffusion})."""
-    return str(importlib.resources.files("pdjax").joinpath("assets", "default_model", mode))
 
 
 class EvalModel:

@@ -12,6 +12,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main
 from pdjax.train.config import config_dict, load_config
 from pdjax.train.overrides import ConfigError
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="DIR", help="write a checkpointed step as a Hugging Face folder and exit")
     p.add_argument("--step", type=int, help="with --export: the step to export (default: the latest)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    compile_cache.add_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -69,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pdjax.train.trainer import Trainer, initialize_distributed, train
 
     initialize_distributed(cfg.distributed)  # before any other JAX call
+    compile_cache.enable(disabled=args.no_compilation_cache)
     import jax
 
     log = print if jax.process_index() == 0 else None

@@ -460,9 +460,13 @@ class Trainer:
 
     def export(self, path: str, *, dtype: Any = None) -> list[str]:
         """Write the current weights as a Hugging Face checkpoint (config.json, safetensors, tokenizer)."""
+        from pdjax.decode.model_info import write_generation_config
         from pdjax.model.checkpoint import save_pretrained
 
-        return save_pretrained(self.model(), path, tokenizer=self.tokenizer, dtype=dtype)
+        names = save_pretrained(self.model(), path, tokenizer=self.tokenizer, dtype=dtype)
+        if jax.process_index() == 0:  # what pdjax.decode reads: the mode trained, a diffusion model's mask count
+            write_generation_config(path, self.cfg.data.mode, self.cfg.data.eos_fill_length)
+        return names
 
     def close(self) -> None:
         if self.checkpointer is not None:
