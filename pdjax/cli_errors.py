@@ -55,6 +55,11 @@ def run_main(
             raise
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except SystemExit as e:  # argparse's --help (0) or bad flag (2, already printed): a return code in-process too
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        print(e.code, file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: what a shell expects (128 + SIGINT), without a traceback
         if debug:
             raise
