@@ -64,7 +64,10 @@ def initialize_distributed(mode: str) -> bool:
         return True
     # TPU slices, SLURM, Open MPI and Kubernetes are detected by jax itself; a plain launch can give
     # JAX_COORDINATOR_ADDRESS plus JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-    explicit = {k: int(os.environ[e]) for k, e in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if os.environ.get(e)}
+    # JAX_HEARTBEAT_TIMEOUT_SECONDS: how soon the others stop (with an error naming it) after a host dies.
+    names = (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"),
+             ("heartbeat_timeout_seconds", "JAX_HEARTBEAT_TIMEOUT_SECONDS"))
+    explicit = {k: int(os.environ[e]) for k, e in names if os.environ.get(e)}
     jax.distributed.initialize(**explicit)
     return True
 
