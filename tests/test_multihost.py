@@ -151,3 +151,77 @@ def test_global_batch_is_the_same_for_one_and_two_hosts(setup, cluster):
     assert set(fed[0]).isdisjoint(fed[1])
     assert sorted(fed[0] + fed[1]) == list(range(ROWS))  # every row exactly once in the epoch
     assert str(hosts[0]["fingerprint"]) == str(hosts[1]["fingerprint"]) == report.fingerprint
+
+
+# ---- training, checkpoints, resume, export -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_host(setup) -> Path:
+    """The reference: one process with all four devices, the same mesh (fsdp 2 x tensor 2) and global batch."""
+    train(setup, "one", *MESH, processes=1, devices=4)
+    return setup
+
+
+@pytest.fixture(scope="module")
+def two_hosts(setup) -> Path:
+    """Two processes x 2 devices, checkpoints at steps 3 and 6, the final weights exported."""
+    train(setup, "two", *MESH, f"checkpoint.export_dir={setup / 'two' / 'hf'}", processes=2, devices=2)
+    return setup
+
+
+def test_two_hosts_train_with_the_losses_of_one_host(one_host, two_hosts):
+    one, two = losses(one_host, "one"), losses(two_hosts, "two")
+    assert sorted(two) == list(range(1, STEPS + 1)) and sorted(one) == sorted(two)
+    a, b = np.array([one[s] for s in sorted(one)]), np.array([two[s] for s in sorted(two)])
+    # The same rows on the same mesh shape; only the reduction order of the cross-process collectives differs.
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_orbax_writes_one_checkpoint_per_save_from_all_hosts(two_hosts):
+    ckpt = two_hosts / "two" / "ckpt"
+    steps = sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("logs"))
+    assert steps == ["3", "6"], steps  # no per-host copies, no unfinished temporaries
+    for step in steps:
+        items = {p.name for p in (ckpt / step).iterdir() if p.is_dir()}
+        assert {"state", "data", "meta"} <= items
+        data_files = sorted(p.name for p in (ckpt / step / "data").iterdir())
+        assert len([f for f in data_files if "process_0" in f]) == 1 and len([f for f in data_files if "process_1" in f]) == 1, data_files
+        meta = json.loads(next((ckpt / step / "meta").glob("*")).read_text())
+        assert len(meta["data_fingerprints"]) == 2 and len(set(meta["data_fingerprints"])) == 1
+
+
+def test_resume_on_the_cluster_is_bit_exact(two_hosts):
+    work = two_hosts
+    resumable_copy(work, "two", "resumed", keep=3)
+    train(work, "resumed", *MESH, f"checkpoint.export_dir={work / 'resumed' / 'hf'}", processes=2, devices=2,
+          flags=("--resume",))
+    straight, resumed = losses(work, "two"), losses(work, "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+    a, b = weights(work / "two" / "hf"), weights(work / "resumed" / "hf")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+def test_export_from_a_multihost_checkpoint_writes_one_hf_folder(two_hosts):
+    work = two_hosts
+    out = work / "exported"
+    run(work, "export", [PY, "-m", "pdjax.train", "--export", str(out), *overrides(work, "two", *MESH)],
+        processes=2, devices=2)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(work.glob("exported?*"))  # one folder, written once (by process 0)
+    a, b = weights(work / "two" / "hf"), weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+def test_a_two_host_checkpoint_resumes_on_one_host(two_hosts):
+    """Elastic restart: step 3 of the 2-host run continues on one process with the same devices and mesh."""
+    work = two_hosts
+    resumable_copy(work, "two", "elastic1", keep=3)
+    train(work, "elastic1", *MESH, processes=1, devices=4, flags=("--resume",))
+    straight, resumed = losses(work, "two"), losses(work, "elastic1")
+    assert sorted(resumed) == [4, 5, 6]
+    np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-5, atol=1e-6)
