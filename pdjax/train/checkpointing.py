@@ -28,7 +28,16 @@ def _absolute(directory: str) -> str:
 class Checkpointer:
     """Saves every ``every_steps`` steps (and when forced), keeps the last ``max_to_keep``."""
 
-    def __init__(self, directory: str, *, every_steps: int, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        every_steps: int,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        cleanup_tmp: bool = False,
+    ):
+        """``cleanup_tmp``: remove the unfinished saves an aborted run left (only the run that writes may)."""
         import grain.checkpoint  # noqa: F401  (registers grain's handler with orbax)
 
         self.directory = _absolute(directory)
@@ -37,6 +46,7 @@ class Checkpointer:
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, META))
 

@@ -8,6 +8,7 @@ and prints only on the first host.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
@@ -76,8 +77,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log:
             log(f"exported step {int(trainer.state.step)} ({len(names)} weight file(s)) to {args.export}")
         return 0
-    train(cfg, resume=args.resume, log=log)
+    try:
+        trainer = train(cfg, resume=args.resume, log=log)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handlers were in place: nothing to save yet
+        if log:
+            log("interrupted before training started: nothing to save")
+        return 130
+    stopped = trainer.stopped
+    if stopped is not None and log:
+        if stopped.checkpoint_dir is None:
+            log(f"stopped by {stopped.reason} at step {stopped.step}; nothing saved (set checkpoint.dir to resume runs)")
+        else:
+            log(f"stopped by {stopped.reason} at step {stopped.step}, saved to {stopped.checkpoint_dir}; resume with:")
+            log("  " + resume_command(sys.argv[1:] if argv is None else argv))
     return 0
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same flags and overrides, with --resume."""
+    args = list(argv)
+    if "--resume" not in args:
+        at, i = len(args), 0
+        while i < len(args):  # before the first override, after the flags (and their values)
+            if args[i] in _VALUED:
+                i += 2
+                continue
+            if not args[i].startswith("-"):
+                at = i
+                break
+            i += 1
+        args.insert(at, "--resume")
+    return shlex.join(["python", "-m", "pdjax.train", *args])
+
+
+_VALUED = ("--config", "--export", "--step")  # flags followed by a separate value
 
 
 if __name__ == "__main__":

@@ -91,7 +91,11 @@ class Throughput:
 class MetricsLog:
     """JSONL (one object per logged step) and TensorBoard scalars under `directory`, plus a rich progress bar.
 
-    Only the main process writes; the others get a silent instance.
+    Only the main process writes; the others get a silent instance. A run that
+    starts at ``start_step`` (a resume) first drops what an earlier, interrupted
+    run logged after that step, so every step is in the logs once however
+    often a run is resumed. ``console`` (a rich Console) forces the live bar,
+    e.g. at a fixed width in tests.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class MetricsLog:
         total_steps: int | None = None,
         start_step: int = 0,
         enabled: bool = True,
+        console: Any = None,
     ):
         self.enabled = enabled
         self._lines = progress  # without a terminal: one plain line per logged step instead of a live bar
@@ -110,28 +115,39 @@ class MetricsLog:
         self._jsonl = None
         self._tb = None
         self._progress = None
+        dropped = 0
         if not enabled:
             return
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
-            self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(directory, "metrics.jsonl")
+            dropped = truncate_jsonl(path, start_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
-        if progress and sys.stdout.isatty():
+                # purge_step: TensorBoard hides the earlier events of steps from here on (the interrupted run's)
+                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if progress and (console is not None or sys.stdout.isatty()):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.table import Column
 
+            # Step count and time remaining first and never squeezed; the bar and the metrics give way on
+            # narrow terminals (the metrics are cut with an ellipsis, not wrapped).
             self._progress = Progress(
                 TextColumn("[bold]train"),
-                BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"),
+                BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=4, max_width=40)),
+                TextColumn("{task.fields[status]}", table_column=Column(ratio=3, no_wrap=True, overflow="ellipsis")),
+                console=console,
                 transient=False,
+                expand=True,
             )
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
             self._progress.start()
+        if dropped:
+            self.print(f"{path}: dropped {dropped} line(s) after step {start_step} logged by an earlier (interrupted) run")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record the metrics of `step` (after the step: the number of optimizer updates done)."""
@@ -146,10 +162,11 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
             self._tb.flush()
-        status = " ".join(f"{k} {_short(plain[k])}" for k in _SHOWN if k in plain)
         if self._progress is not None:
+            status = " ".join(f"{_SHOWN[k]} {_short(plain[k])}" for k in _SHOWN if k in plain)
             self._progress.update(self._task, completed=step, status=status)
         elif self._lines:
+            status = " ".join(f"{k} {_short(plain[k])}" for k in _SHOWN if k in plain)
             total = f"/{self._total}" if self._total else ""
             print(f"step {step}{total} {status}", flush=True)
 
@@ -179,7 +196,43 @@ class MetricsLog:
             self._tb = None
 
 
-_SHOWN = ("loss", "ar_loss", "diffusion_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu")
+# Metrics shown while training, with their short labels in the live bar (full names in plain lines).
+_SHOWN = {
+    "loss": "loss",
+    "ar_loss": "ar",
+    "diffusion_loss": "diff",
+    "grad_norm": "gnorm",
+    "learning_rate": "lr",
+    "tokens_per_s": "tok/s",
+    "mfu": "mfu",
+}
+
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Keep only the records of steps <= `last_step` (and no half-written line) in `path`; how many were dropped.
+
+    Rewritten through a temporary file and an atomic rename, so a crash here loses nothing.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 def _plain(v: Any) -> Any:

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -30,6 +31,7 @@ from pdjax.train.checkpointing import Checkpointer
 from pdjax.train.config import TrainConfig, config_dict
 from pdjax.train.metrics import MetricsLog, Throughput, flops_per_token, peak_flops
 from pdjax.train.optimizer import learning_rate_schedule, make_optimizer
+from pdjax.train.preemption import Preemption
 from pdjax.train.step import StepOptions, TrainState, batch_sharding, jit_train_step, make_train_step, state_layout
 
 # The jitted steps of recent setups, reused by a new Trainer with the same model, optimizer, mesh and batch
@@ -116,6 +118,15 @@ def model_config(cfg: TrainConfig, tokenizer: Any) -> DreamConfig:
     return getattr(DreamConfig, m.preset)(**{**m.preset_args, "vocab_size": vocab, **numerics})
 
 
+@dataclasses.dataclass(frozen=True)
+class Stopped:
+    """A run ended early by a signal or a preemption notice: why, at which step, where that step is saved."""
+
+    reason: str  # SIGTERM, SIGINT or "a preemption notice"
+    step: int
+    checkpoint_dir: str | None  # None: no checkpoint.dir, nothing was saved
+
+
 @dataclasses.dataclass
 class Trainer:
     """A ready-to-run training setup; build it with `Trainer.create`."""
@@ -137,6 +148,7 @@ class Trainer:
     report: DataReport | None
     checkpointer: Checkpointer | None
     log: Callable[[str], None] = print
+    stopped: "Stopped | None" = None  # set by `train` when a signal or preemption notice ended it early
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -192,6 +204,7 @@ class Trainer:
                 every_steps=cfg.checkpoint.every_steps,
                 max_to_keep=cfg.checkpoint.max_to_keep,
                 async_save=cfg.checkpoint.async_save,
+                cleanup_tmp=with_data,  # a training run; an export may read while a run writes
             )
         if restore_step is None and resume and checkpointer is not None:
             restore_step = checkpointer.latest_step()
@@ -335,12 +348,18 @@ class Trainer:
         Stopping early (``until``) checkpoints the step reached, as an interrupted
         run would. ``callback(step, host_batch, metrics)`` runs after every step
         (metrics are device arrays; reading them blocks).
+
+        SIGTERM / SIGINT (or a preemption notice from another host) stop the loop
+        after the step in flight, at a step all hosts agree on; that step is
+        checkpointed with the data iterator and `self.stopped` says so
+        (`pdjax.train.preemption`).
         """
         if self.data is None:
             raise ValueError("this Trainer was created without data")
         cfg = self.cfg
         main = jax.process_index() == 0
         start = int(self.state.step)
+        self.stopped = None
         log_dir = cfg.log.dir
         if log_dir is None and cfg.checkpoint.dir is not None and "://" not in cfg.checkpoint.dir:
             log_dir = os.path.join(cfg.checkpoint.dir, "logs")
@@ -362,39 +381,65 @@ class Trainer:
         last_saved = None
         step = start
         stop = self.total_steps if until is None else min(until, self.total_steps)
+        checkpoint_dir = self.checkpointer.directory if self.checkpointer is not None else None
+        preemption = Preemption(metrics_log.print, checkpoint_dir=checkpoint_dir)
         try:
-            while step < stop:
-                try:
-                    host_batch = next(self.data)
-                except StopIteration:
-                    metrics_log.print(f"the data ended after {step} steps")
-                    break
-                self.state, metrics = self.step_fn(self.state, self.frozen, self.device_batch(host_batch))
-                step += 1
-                if callback is not None:
-                    callback(step, host_batch, metrics)
-                throughput.add(metrics["tokens"])  # all hosts' document tokens, summed on device
-                first = step == start + 1
-                if first or step % cfg.log.every_steps == 0 or step == stop:
-                    values = {k: v.item() for k, v in jax.device_get(metrics).items()}
-                    timing = throughput.read()
-                    if first:  # the first step includes compilation: time it, but keep it out of throughput
-                        values["compile_and_step_s"] = timing["step_time_s"]
+            with preemption:
+                preemption.start(step)
+                while step < stop:
+                    try:
+                        host_batch = next(self.data)
+                    except StopIteration:
+                        metrics_log.print(f"the data ended after {step} steps")
+                        break
+                    first = step == start
+                    if first:
+                        metrics_log.print(f"compiling the train step (batch {cfg.data.batch_size} x {cfg.data.row_length}) ...")
+                        compile_start = time.perf_counter()
+                    self.state, metrics = self.step_fn(self.state, self.frozen, self.device_batch(host_batch))
+                    step += 1
+                    if first:  # the call returns once compiled; the step itself runs on asynchronously
+                        metrics_log.print(f"train step ready in {time.perf_counter() - compile_start:.1f} s")
+                    if callback is not None:
+                        callback(step, host_batch, metrics)
+                    throughput.add(metrics["tokens"])  # all hosts' document tokens, summed on device
+                    stopping = step < stop and preemption.should_stop(step)
+                    if first or step % cfg.log.every_steps == 0 or step == stop or stopping:
+                        values = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                        timing = throughput.read()
+                        if first:  # the first step includes compilation: time it, but keep it out of throughput
+                            values["compile_and_step_s"] = timing["step_time_s"]
+                        else:
+                            values.update(timing)
+                        history.append({"step": step, **values})
+                        metrics_log.write(step, values)
                     else:
-                        values.update(timing)
-                    history.append({"step": step, **values})
-                    metrics_log.write(step, values)
-                else:
-                    metrics_log.advance(step)
-                if self.checkpointer is not None and self.checkpointer.save(step, self.state, self.data, self.meta()):
-                    last_saved = step
-            if self.checkpointer is not None and last_saved != step and step > start:
-                self.checkpointer.save(step, self.state, self.data, self.meta(), force=True)
-            if self.checkpointer is not None:
-                self.checkpointer.wait()
+                        metrics_log.advance(step)
+                    if stopping:
+                        preemption.begin_stop(step)
+                        self.stopped = Stopped(preemption.reason, step, checkpoint_dir)
+                        metrics_log.print(f"stopping at step {step} ({preemption.reason})")
+                        break
+                    if self.checkpointer is not None and step % self.checkpointer.every_steps == 0:
+                        if self._save(step, metrics_log):
+                            last_saved = step
+                if self.checkpointer is not None and last_saved != step and step > start:
+                    self._save(step, metrics_log, force=True)
+                if self.checkpointer is not None:
+                    waited = time.perf_counter()
+                    self.checkpointer.wait()
+                    if step > start:
+                        metrics_log.print(f"checkpoint step {step} saved ({time.perf_counter() - waited:.1f} s)")
         finally:
             metrics_log.close()
         return history
+
+    def _save(self, step: int, metrics_log: MetricsLog, *, force: bool = False) -> bool:
+        """Start a checkpoint of `step` (asynchronous when configured), saying so; whether one started."""
+        if step in self.checkpointer.all_steps():
+            return False
+        metrics_log.print(f"saving checkpoint step {step} to {self.checkpointer.directory} ...")
+        return self.checkpointer.save(step, self.state, self.data, self.meta(), force=force)
 
     # ---- weights out ------------------------------------------------------------------------
 
@@ -422,11 +467,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = print) -> Trainer:
-    """Create, train (resuming if asked), export when ``checkpoint.export_dir`` is set; return the trainer."""
+    """Create, train (resuming if asked), export when ``checkpoint.export_dir`` is set; return the trainer.
+
+    A run stopped by a signal (``trainer.stopped``) is checkpointed but not exported.
+    """
     trainer = Trainer.create(cfg, resume=resume, log=log)
     try:
         trainer.train()
-        if cfg.checkpoint.export_dir is not None:
+        if cfg.checkpoint.export_dir is not None and trainer.stopped is None:
             names = trainer.export(cfg.checkpoint.export_dir)
             if log is not None:
                 log(f"exported {len(names)} weight file(s) to {cfg.checkpoint.export_dir}")
