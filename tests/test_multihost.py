@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import LocalCluster, cluster_env, cluster_fixture, finish, tails  # noqa: F401  (the fixture)
+from cluster import HEARTBEAT_S, LocalCluster, cluster_env, cluster_fixture, finish, tails  # noqa: F401  (the fixture)
 from test_data_toy import documents
 from test_train_loop import completion, tokenizer
 
@@ -225,3 +226,58 @@ def test_a_two_host_checkpoint_resumes_on_one_host(two_hosts):
     straight, resumed = losses(work, "two"), losses(work, "elastic1")
     assert sorted(resumed) == [4, 5, 6]
     np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-5, atol=1e-6)
+
+
+# ---- preemption and failures -------------------------------------------------------------------
+
+LONG = ("steps=1000", "checkpoint.every_steps=1000", "log.every_steps=1000")  # runs until stopped
+
+
+def start_long(cluster, work: Path, name: str):
+    """A 2-host run that would take many minutes, once its first step has run on both hosts."""
+    c = cluster([PY, "-m", "pdjax.train", *overrides(work, name, *MESH, *LONG)], name=name)
+    try:
+        c.wait_for(0, r"train step ready", timeout=TIMEOUT)  # the step is a collective: both hosts are in the loop
+    except TimeoutError as e:
+        pytest.fail(f"{e}\n{tails(c)}")
+    return c
+
+
+def data_positions(work: Path, name: str, step: int) -> list[dict]:
+    folder = work / name / "ckpt" / str(step) / "data"
+    return [json.loads(f.read_text()) for f in sorted(folder.glob("process_*.json"))]
+
+
+def stopped_step(work: Path, name: str) -> int:
+    steps = sorted(int(p.name) for p in (work / name / "ckpt").iterdir() if p.name.isdigit())
+    assert len(steps) == 1, steps  # only the checkpoint of the stop (the periodic one is at 1000)
+    return steps[0]
+
+
+@pytest.mark.parametrize("who", ["all", "one"])
+def test_sigterm_stops_every_host_at_the_same_step_saves_it_and_exits_0(setup, cluster, who):
+    """A maintenance event signals every host; a single host's notice stops the others at that step too."""
+    work = setup
+    name = f"sigterm_{who}"
+    c = start_long(cluster, work, name)
+    for p in (range(2) if who == "all" else [1]):
+        c.signal(p, 15)
+    finish(c, 120)  # all exit 0 well before the 1000 steps; nothing hangs in a collective
+    step = stopped_step(work, name)
+    assert 1 <= step < 1000
+    assert data_positions(work, name, step) == [{"next_index": step}] * 2  # both hosts fed exactly `step` batches
+    assert re.search(rf"stopped by .* at step {step}\b", c.output(0)), c.output(0)[-2000:]
+    assert max(losses(work, name)) == step
+
+
+def test_a_killed_host_makes_the_others_fail_fast_with_a_clear_error(setup, cluster):
+    work = setup
+    c = start_long(cluster, work, "sigkill")
+    killed = time.monotonic()
+    c.signal(1, 9)
+    codes = finish(c, 6 * HEARTBEAT_S + 30, expect=None)  # a hang would run into this bound and fail the test
+    waited = time.monotonic() - killed
+    assert codes[1] == -9 and codes[0] != 0, codes
+    out = c.output(0)
+    assert "stopped sending heartbeats" in out or "unhealthy" in out, out[-3000:]
+    assert waited < 3 * HEARTBEAT_S + 30, waited
