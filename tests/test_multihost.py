@@ -281,3 +281,30 @@ def test_a_killed_host_makes_the_others_fail_fast_with_a_clear_error(setup, clus
     out = c.output(0)
     assert "stopped sending heartbeats" in out or "unhealthy" in out, out[-3000:]
     assert waited < 3 * HEARTBEAT_S + 30, waited
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+PROMPTS = [f"question {i}" for i in (3, 14, 15, 92, 65, 35, 8)]  # an odd count: the hosts get 4 and 3
+
+
+def generate(work: Path, name: str, model: Path, processes: int) -> list[dict]:
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PROMPTS))
+    out = work / name / "answers.json"
+    run(work, name, [PY, "-m", "pdjax.eval", "generate", "--mode", "pd", "--model", str(model), "--prompts",
+                     str(prompts), "--output", str(out), "--max_length", "64", "--temperature", "0"],
+        processes=processes, devices=1)
+    return json.loads(out.read_text())
+
+
+def test_eval_generate_splits_prompts_over_hosts_with_the_answers_of_one_host(two_hosts):
+    work = two_hosts
+    model = work / "two" / "hf"  # the 2-host run's export: a small model that answers something
+    two = generate(work, "eval2", model, processes=2)
+    one = generate(work, "eval1", model, processes=1)
+    assert sorted(r["instruction"] for r in two) == sorted(PROMPTS)  # each prompt once
+    parts = sorted((work / "eval2" / "answers.json.parts").glob("shard*"))
+    per_host = [sum(1 for f in parts if f"shard{p:03d}-of002" in f.name for _ in open(f)) for p in range(2)]
+    assert per_host == [4, 3], (parts, per_host)  # every other prompt on each host
+    assert {r["instruction"]: r["output"] for r in two} == {r["instruction"]: r["output"] for r in one}
