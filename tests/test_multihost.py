@@ -307,4 +307,29 @@ def test_eval_generate_splits_prompts_over_hosts_with_the_answers_of_one_host(tw
     parts = sorted((work / "eval2" / "answers.json.parts").glob("shard*"))
     per_host = [sum(1 for f in parts if f"shard{p:03d}-of002" in f.name for _ in open(f)) for p in range(2)]
     assert per_host == [4, 3], (parts, per_host)  # every other prompt on each host
+    assert len({r["output"] for r in one}) > 1  # the prompts get different answers: a mix-up would show
     assert {r["instruction"]: r["output"] for r in two} == {r["instruction"]: r["output"] for r in one}
+
+
+# ---- four hosts (slow) -------------------------------------------------------------------------
+
+MESH8 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")  # on 4 hosts: data and fsdp span hosts, tensor inside one
+
+
+@pytest.mark.slow
+def test_four_hosts_train_like_one_and_resume_on_two_and_on_one(setup):
+    """4 hosts x 2 devices match 1 host x 8 devices; their step-3 checkpoint continues on 2 hosts x 4 and 1 x 8."""
+    work = setup
+    train(work, "four", *MESH8, processes=4, devices=2)
+    train(work, "one8", *MESH8, processes=1, devices=8)
+    four, one = losses(work, "four"), losses(work, "one8")
+    assert sorted(four) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([four[s] for s in sorted(four)], [one[s] for s in sorted(four)], rtol=1e-5, atol=1e-6)
+    assert len(data_positions(work, "four", 3)) == 4
+    for hosts, devices in ((2, 4), (1, 8)):
+        name = f"four_on_{hosts}"
+        resumable_copy(work, "four", name, keep=3)
+        train(work, name, *MESH8, processes=hosts, devices=devices, flags=("--resume",))
+        resumed = losses(work, name)
+        assert sorted(resumed) == [4, 5, 6]
+        np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [four[s] for s in (4, 5, 6)], rtol=1e-5, atol=1e-6)
