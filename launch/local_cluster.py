@@ -79,6 +79,7 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
         self.lines: list[list[str]] = [[] for _ in range(num_processes)]
         self._readers: list[threading.Thread] = []
+        self.first_failed: int | None = None  # the process that failed first (before any kill of ours)
         self._changed = threading.Condition()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -162,6 +163,8 @@ class LocalCluster:
         grace_deadline = None
         while True:
             codes = self.returncodes()
+            if self.first_failed is None:
+                self.first_failed = next((p for p, c in enumerate(codes) if c not in (None, 0)), None)
             if all(c is not None for c in codes):
                 self._join_readers()
                 return codes  # type: ignore[return-value]
@@ -202,11 +205,15 @@ class LocalCluster:
         self._join_readers()
 
 
-def first_failure(codes: Sequence[int]) -> int:
-    """The exit code of the cluster: 0, else the first nonzero code (a signal -N becomes 128 + N, as in a shell)."""
-    for code in codes:
-        if code:
-            return 128 - code if code < 0 else code
+def first_failure(codes: Sequence[int], first: int | None = None) -> int:
+    """The exit code of the cluster: 0, else process `first`'s (the earliest failure), else the first nonzero one.
+
+    A process ended by signal N counts 128 + N, as in a shell.
+    """
+    order = ([first] if first is not None else []) + list(range(len(codes)))
+    for p in order:
+        if codes[p]:
+            return 128 - codes[p] if codes[p] < 0 else codes[p]
     return 0
 
 
@@ -259,10 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TimeoutError as e:
             print(f"local cluster: {e}", file=sys.stderr)
             return 124
+    if cluster.first_failed is not None:
+        p = cluster.first_failed
+        print(f"local cluster: process {p} failed first (exit {codes[p]}); its log: {cluster.log_path(p)}",
+              file=sys.stderr)
     for p, code in enumerate(codes):
-        if code:
+        if code and p != cluster.first_failed:
             print(f"local cluster: process {p} exited with {code}; its log: {cluster.log_path(p)}", file=sys.stderr)
-    return first_failure(codes)
+    return first_failure(codes, cluster.first_failed)
 
 
 if __name__ == "__main__":
