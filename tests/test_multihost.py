@@ -174,8 +174,8 @@ def test_two_hosts_train_with_the_losses_of_one_host(one_host, two_hosts):
     one, two = losses(one_host, "one"), losses(two_hosts, "two")
     assert sorted(two) == list(range(1, STEPS + 1)) and sorted(one) == sorted(two)
     a, b = np.array([one[s] for s in sorted(one)]), np.array([two[s] for s in sorted(two)])
-    # The same rows on the same mesh shape; only the reduction order of the cross-process collectives differs.
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # The same rows on the same mesh shape: XLA's collectives over gloo reduce in the same order as in one process.
+    np.testing.assert_array_equal(b, a)
 
 
 def test_orbax_writes_one_checkpoint_per_save_from_all_hosts(two_hosts):
@@ -219,13 +219,14 @@ def test_export_from_a_multihost_checkpoint_writes_one_hf_folder(two_hosts):
 
 
 def test_a_two_host_checkpoint_resumes_on_one_host(two_hosts):
-    """Elastic restart: step 3 of the 2-host run continues on one process with the same devices and mesh."""
+    """Elastic restart: step 3 of the 2-host run continues on one process with the same devices and mesh, losses
+    bit for bit (the global batches and the mesh are the same)."""
     work = two_hosts
     resumable_copy(work, "two", "elastic1", keep=3)
     train(work, "elastic1", *MESH, processes=1, devices=4, flags=("--resume",))
     straight, resumed = losses(work, "two"), losses(work, "elastic1")
     assert sorted(resumed) == [4, 5, 6]
-    np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-5, atol=1e-6)
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
 
 
 # ---- preemption and failures -------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_a_killed_host_makes_the_others_fail_fast_with_a_clear_error(setup, clus
     waited = time.monotonic() - killed
     assert codes[1] == -9 and codes[0] != 0, codes
     out = c.output(0)
-    assert "stopped sending heartbeats" in out or "unhealthy" in out, out[-3000:]
+    assert re.search(r"stopped sending heartbeats|heartbeat timeout|unhealthy", out), out[-3000:]
     assert waited < 3 * HEARTBEAT_S + 30, waited
 
 
@@ -324,7 +325,7 @@ def test_four_hosts_train_like_one_and_resume_on_two_and_on_one(setup):
     train(work, "one8", *MESH8, processes=1, devices=8)
     four, one = losses(work, "four"), losses(work, "one8")
     assert sorted(four) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([four[s] for s in sorted(four)], [one[s] for s in sorted(four)], rtol=1e-5, atol=1e-6)
+    assert [four[s] for s in sorted(four)] == [one[s] for s in sorted(four)]
     assert len(data_positions(work, "four", 3)) == 4
     for hosts, devices in ((2, 4), (1, 8)):
         name = f"four_on_{hosts}"
@@ -332,4 +333,4 @@ def test_four_hosts_train_like_one_and_resume_on_two_and_on_one(setup):
         train(work, name, *MESH8, processes=hosts, devices=devices, flags=("--resume",))
         resumed = losses(work, name)
         assert sorted(resumed) == [4, 5, 6]
-        np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [four[s] for s in (4, 5, 6)], rtol=1e-5, atol=1e-6)
+        assert [resumed[s] for s in (4, 5, 6)] == [four[s] for s in (4, 5, 6)]
