@@ -41,6 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when the launcher dies, so no host outlives a killed launcher."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def process_env(base: Mapping[str, str], *, coordinator: str, num_processes: int, process_id: int,
                 devices_per_process: int) -> dict[str, str]:
     """The environment of one cluster process: coordinator, rank, CPU device count (other XLA flags kept)."""
@@ -95,7 +105,8 @@ class LocalCluster:
                 env.update(self.per_process_env[p])
             proc = subprocess.Popen(self.command, env=env, cwd=self.cwd, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    text=True, errors="replace", bufsize=1)
+                                    text=True, errors="replace", bufsize=1,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             self.procs.append(proc)
             log = open(self.log_path(p), "w")
             reader = threading.Thread(target=self._read, args=(p, proc.stdout, log), daemon=True)
@@ -253,14 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            log_dir=args.log_dir, echo=echo)
 
     def forward(signum: int, _frame) -> None:  # a preemption notice to the launcher reaches every host
-        for p in range(cluster.num_processes):
+        for p in range(len(cluster.procs)):
             cluster.signal(p, signum)
 
+    signal.signal(signal.SIGTERM, forward)  # before any process exists: no notice can kill the launcher alone
+    signal.signal(signal.SIGINT, forward)
     with cluster:
         print(f"local cluster: {args.num_processes} processes x {args.devices_per_process} CPU devices, "
               f"coordinator {cluster.coordinator}, logs in {cluster.log_dir}", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
         try:
             codes = cluster.wait(args.timeout, grace=args.grace)
         except TimeoutError as e:

@@ -61,3 +61,19 @@ def test_wait_for_sees_a_line_without_polling_sleeps(tmp_path):
             assert c.wait_for(p, r"^ready$", timeout=30)
         assert c.returncodes() == [None, None]
     assert all(code is not None for code in c.returncodes())  # reaped on leaving the block
+
+
+def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
+    """The launcher forwards a preemption notice (or Ctrl-C) to every host and returns their exit code."""
+    script = ("import signal, sys, threading; done = threading.Event(); "
+              "signal.signal(signal.SIGTERM, lambda *a: done.set()); print('ready', flush=True); "
+              "done.wait(60) or sys.exit(5); print('got SIGTERM', flush=True)")
+    command = [*LAUNCHER, "--num_processes", "2", "--echo", "all", "--log_dir", str(tmp_path / "logs"), "--",
+               sys.executable, "-c", script]
+    with local_cluster.LocalCluster(command, num_processes=1, log_dir=str(tmp_path), env=dict(os.environ)) as c:
+        for p in range(2):
+            c.wait_for(0, rf"^\[p{p}\] ready$", timeout=30)
+        c.signal(0, 15)
+        assert c.wait(30) == [0]
+        for p in range(2):
+            c.wait_for(0, rf"^\[p{p}\] got SIGTERM$", timeout=5)
