@@ -218,6 +218,16 @@ def test_export_from_a_multihost_checkpoint_writes_one_hf_folder(two_hosts):
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
 
 
+def test_a_one_host_checkpoint_resumes_on_two_hosts(one_host):
+    """Elastic restart upwards: step 3 of the 1-host run continues on two hosts, losses bit for bit."""
+    work = one_host
+    resumable_copy(work, "one", "elastic2", keep=3)
+    train(work, "elastic2", *MESH, processes=2, devices=2, flags=("--resume",))
+    straight, resumed = losses(work, "one"), losses(work, "elastic2")
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+
+
 def test_a_two_host_checkpoint_resumes_on_one_host(two_hosts):
     """Elastic restart: step 3 of the 2-host run continues on one process with the same devices and mesh, losses
     bit for bit (the global batches and the mesh are the same)."""

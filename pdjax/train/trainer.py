@@ -251,7 +251,8 @@ class Trainer:
         if restoring:
             state, meta = checkpointer.restore(restore_step, abstract_state, data)
             if report is not None:
-                saved = (meta.get("data_fingerprints") or [None] * jax.process_count())[jax.process_index()]
+                saved_all = meta.get("data_fingerprints") or [None]  # saved by fewer hosts: all hosts' agree
+                saved = saved_all[jax.process_index() if jax.process_index() < len(saved_all) else 0]
                 if saved not in (None, report.fingerprint):
                     raise ValueError(
                         "the data differs from the checkpoint's (config, source or host count changed): "
