@@ -115,7 +115,11 @@ class LocalCluster:
         return self
 
     def __enter__(self) -> "LocalCluster":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # the hosts already started must not outlive a failed start
+            self.kill()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.kill()

@@ -74,7 +74,7 @@ def cluster_fixture(tmp_path) -> Iterator[Callable[..., "LocalCluster"]]:
         c = LocalCluster([str(x) for x in command], num_processes=num_processes,
                          devices_per_process=devices_per_process, log_dir=str(log_dir), env=cluster_env(env),
                          cwd=str(ROOT))
-        started.append(c)
+        started.append(c)  # before starting: a start that fails half-way is reaped too
         return c.start()
 
     try:
