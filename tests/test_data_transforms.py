@@ -153,13 +153,16 @@ def pad_epochs(tmp_path_factory):
 
 
 def epoch_pads(batches, report) -> list[dict[tuple[int, int], int]]:
-    rows = [{k: v[b] for k, v in batch.items()} for batch in batches for b in range(len(batch["tokens"]))]
-    per_epoch, start = [], 0
-    for count in report.rows_per_epoch:
-        chunk = rows[start : start + count]
-        start += count
-        merged = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-        per_epoch.append(pad_counts(one_epoch([merged])))
+    """Each epoch's pad counts; every lane (row of the batch) runs through its epochs on its own."""
+    per_epoch: list[dict[tuple[int, int], int]] = [{} for _ in report.rows_per_epoch]
+    for lane in range(len(batches[0]["tokens"])):
+        epoch, seen = 0, set()
+        for batch in batches:
+            docs = one_epoch([{k: v[lane : lane + 1] for k, v in batch.items()}])
+            if seen & docs.keys():  # a document again: the lane's next epoch began
+                epoch, seen = epoch + 1, set()
+            seen |= docs.keys()
+            per_epoch[epoch].update(pad_counts(docs))
     return per_epoch
 
 

@@ -65,7 +65,8 @@ def test_lora_training_keeps_base_frozen_and_exports_merged(tmp_path):
     base_before = jax.tree.map(np.asarray, jax.device_get(trainer.frozen["base"]))
     assert set(trainer.state.params["layers"]) == {"q_proj", "v_proj", "down_proj"}
     history = trainer.train()
-    assert history[-1]["loss"] < history[0]["loss"]
+    first, last = (np.mean([h["loss"] for h in part]) for part in (history[:4], history[-4:]))
+    assert last < first  # averaged over 4 steps: one step's batch can be much harder than another's
     for x, y in zip(jax.tree.leaves(jax.device_get(trainer.frozen["base"])), jax.tree.leaves(base_before)):
         np.testing.assert_array_equal(x, y)  # the base never moves
     assert all(np.abs(np.asarray(p["b"])).max() > 0 for p in trainer.state.params["layers"].values())

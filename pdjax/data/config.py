@@ -23,7 +23,9 @@ class DataConfig:
     columns) or chat ``messages``; ``format="auto"`` picks whichever exists.
 
     ``batch_size`` counts rows per step over *all* hosts; each host yields
-    ``batch_size // shard_count`` rows of ``row_length`` tokens.
+    ``batch_size // shard_count`` rows of ``row_length`` tokens. The source is
+    cut into ``batch_size`` contiguous lanes, one per row of the global batch,
+    so the global batches do not depend on the host count (`pdjax.data.pipeline`).
     ``num_epochs=None`` repeats forever (the trainer stops at its step budget).
     ``pad_max``: each span gets U{0..pad_max} ``[PAD]`` tokens before its
     ``</async>``, drawn afresh every epoch (0 disables; METHOD §3).
@@ -32,9 +34,10 @@ class DataConfig:
     fixed-length generation, so the model learns where an answer ends when it
     later decodes a fixed number of masks; longer responses are skipped.
     ``shard_index`` / ``shard_count`` default to ``jax.process_index()`` /
-    ``jax.process_count()``: each host reads and packs its own contiguous
-    shard of the source rows, and the hosts agree on one batch count (shorter
-    hosts add all-padding filler rows). Set explicitly, no agreement is made.
+    ``jax.process_count()``: each host reads and packs its own lanes (a
+    contiguous share of the source rows), and the hosts agree on one batch
+    count (shorter lanes add all-padding filler rows). Set explicitly, no
+    agreement is made.
     """
 
     source: str

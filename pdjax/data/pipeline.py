@@ -1,16 +1,26 @@
 """The training-data pipeline: `build_pipeline(config, tokenizer) -> (iterator, report)`.
 
-Start-up: this host reads its shard of the source rows, prepares and validates
-them once (`Preparer`), prints a summary of what it skipped and why, and plans
-the epochs' packing to know how many batches it will yield.
+Lanes: the source rows are cut into ``batch_size`` contiguous *lanes*, one per
+row of the global batch; global batch b holds packed row b of every lane, in
+lane order. Host h of H feeds lanes [h B/H, (h+1) B/H) and reads only their
+source rows (a disjoint, contiguous share), so the global batch of every step
+is the same whether 1, 2 or 4 hosts feed it, and a run may resume on a
+different host count (elastic restart): the iterator state is the batch index.
+(Host-major lane order matches `jax.make_array_from_process_local_data` on
+meshes whose batch axes run over hosts in process order, as `jax.make_mesh`
+lays them out.)
 
-Epoch e (deterministic given seed, host shard and e): documents are shuffled,
-each span gets a fresh U{0..pad_max} `[PAD]` draw, and first-fit packs the
-documents into rows of ``row_length`` tokens. The epochs' rows form one stream
-that a grain ``MapDataset`` indexes (row k is built on demand, with its
-segment ids, by `pdjax.structure.pack_documents`) and batches; the grain
-iterator's ``get_state()`` is a small JSON-able dict and ``set_state()``
-resumes with the identical remaining batches.
+Start-up: this host reads its lanes' source rows, prepares and validates them
+once (`Preparer`), prints a summary of what it skipped and why, and plans the
+epochs' packing to know how many batches it will yield.
+
+Epoch e of lane j (deterministic given seed, j and e): the lane's documents are
+shuffled, each span gets a fresh U{0..pad_max} `[PAD]` draw, and first-fit packs
+them into rows of ``row_length`` tokens; within an epoch no document is fed
+twice. A lane's epochs form one stream of rows (row k is built on demand, with
+its segment ids, by `pdjax.structure.pack_documents`); a grain ``MapDataset``
+indexes the batches, and the grain iterator's ``get_state()`` is a small
+JSON-able dict that ``set_state()`` resumes with the identical remaining batches.
 
 Batches are dicts of int32 NumPy arrays [rows per host, row_length]:
 ``tokens`` and the five `Segments` fields (``block_id``, ``visible_from``,
@@ -62,6 +72,25 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def subset(self, first: int, stop: int) -> "Corpus":
+        """Documents [first, stop) as a corpus of their own."""
+        o, b = self.offsets, self.block_offsets
+        return Corpus(
+            self.tokens[o[first] : o[stop]],
+            o[first : stop + 1] - o[first],
+            self.prompt_len[first:stop],
+            self.block_ends[b[first] : b[stop]],
+            b[first : stop + 1] - b[first],
+            self.syncs[first:stop],
+            self.rows[first:stop],
+        )
+
+    def digest(self) -> bytes:
+        """32 bytes that change with any document's tokens or boundaries."""
+        h = hashlib.sha256(self.offsets.tobytes())
+        h.update(self.tokens.tobytes())
+        return h.digest()
+
 
 @dataclasses.dataclass(frozen=True)
 class EpochPlan:
@@ -73,15 +102,15 @@ class EpochPlan:
 
 
 class Epochs:
-    """Plans epochs on demand (a small LRU cache) and maps a stream row index to (epoch, row).
+    """Plans one lane's epochs on demand (a small LRU cache) and maps a stream row index to (epoch, row).
 
     Thread-safe: grain builds rows in worker threads.
     """
 
-    def __init__(self, corpus: Corpus, config: DataConfig, shard_index: int, cache_size: int = 2):
+    def __init__(self, corpus: Corpus, config: DataConfig, lane: int, cache_size: int = 2):
         self.corpus = corpus
         self.config = config
-        self.shard_index = shard_index
+        self.lane = lane
         self.cache_size = cache_size
         self._counts: list[int] = []
         self._tokens: list[int] = []
@@ -107,7 +136,7 @@ class Epochs:
         num_blocks = int(corpus.block_offsets[-1])
         pads = np.zeros(num_blocks, np.int32)
         if cfg.pad_max and cfg.mode in PLANNED_MODES:
-            rng = np.random.default_rng([cfg.seed, self.shard_index, epoch, 1])
+            rng = np.random.default_rng([cfg.seed, self.lane, epoch, 1])
             pads = rng.integers(0, cfg.pad_max + 1, size=num_blocks, dtype=np.int32)
         summed = np.concatenate([[0], np.cumsum(pads, dtype=np.int64)])
         lengths = corpus.lengths + summed[corpus.block_offsets[1:]] - summed[corpus.block_offsets[:-1]]
@@ -115,7 +144,7 @@ class Epochs:
             lengths = lengths - corpus.syncs
         order = np.arange(len(corpus))
         if cfg.shuffle:
-            order = np.random.default_rng([cfg.seed, self.shard_index, epoch, 0]).permutation(len(corpus))
+            order = np.random.default_rng([cfg.seed, self.lane, epoch, 0]).permutation(len(corpus))
         rows = [[int(order[i]) for i in row] for row in first_fit(lengths[order], cfg.row_length, cfg.pack_window)]
         return EpochPlan(rows, pads, lengths)
 
@@ -147,7 +176,7 @@ class Epochs:
 
 
 class RowBuilder:
-    """Stream row index -> packed row dict; indices past the real rows give all-padding filler rows."""
+    """A lane's stream row index -> packed row dict; indices past the real rows give all-padding filler rows."""
 
     def __init__(self, epochs: Epochs, ids: ControlIds, pad_id: int, real_rows: int | None):
         self.epochs = epochs
@@ -177,15 +206,32 @@ class RowBuilder:
         return {"tokens": tokens, **seg._asdict()}
 
 
+class BatchBuilder:
+    """Batch index b -> this host's rows of global batch b: row b of each of its lanes, stacked in lane order."""
+
+    def __init__(self, lanes: list[RowBuilder]):
+        self.lanes = lanes
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        rows = [lane(int(index)) for lane in self.lanes]
+        return {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+
+
+def lane_ranges(num_rows: int, num_lanes: int) -> list[range]:
+    """The contiguous source rows of each lane (sizes differ by at most one)."""
+    return [host_range(num_rows, j, num_lanes) for j in range(num_lanes)]
+
+
 def prepare_corpus(
-    config: DataConfig, tokenizer: Any, ids: ControlIds, shard_index: int, shard_count: int
-) -> tuple[Corpus, list[SkippedRow], int]:
-    """Read, prepare and validate this host's rows: (documents, skipped rows, rows read)."""
+    config: DataConfig, tokenizer: Any, ids: ControlIds, lanes: range
+) -> tuple[list[Corpus], list[SkippedRow], int]:
+    """Read, prepare and validate the source rows of `lanes`: (each lane's documents, skipped rows, rows read)."""
     opened = open_source(config)  # lines that are no row (not JSON, ...) are in opened.unreadable
     source, fmt = opened.dataset, opened.fmt
     if config.max_source_rows is not None:
         source = source.select(range(min(config.max_source_rows, len(source))))
-    shard = host_range(len(source), shard_index, shard_count)
+    per_lane = lane_ranges(len(source), config.batch_size)[lanes.start : lanes.stop]
+    shard = range(per_lane[0].start, per_lane[-1].stop)
     source = source.select(shard)
     prepared = source.map(
         Preparer(tokenizer, ids, config, fmt, shard.start),
@@ -205,7 +251,7 @@ def prepare_corpus(
         for r, k, p, d, keep in zip(rows, rule, prepared["position"], prepared["detail"], kept)
         if not keep
     ]
-    skipped = opened.with_unreadable(skipped, report_unreadable=shard_index == 0)  # every host reads them all
+    skipped = opened.with_unreadable(skipped, report_unreadable=lanes.start == 0)  # every host reads them all
 
     def flat(column: str) -> tuple[np.ndarray, np.ndarray]:
         array = prepared.data.column(column).combine_chunks()
@@ -224,7 +270,8 @@ def prepare_corpus(
         np.asarray(prepared["syncs"], np.int64)[kept],
         rows[kept],
     )
-    return corpus, skipped, len(source)
+    cuts = np.searchsorted(corpus.rows, [r.start for r in per_lane] + [shard.stop])
+    return [corpus.subset(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])], skipped, len(source)
 
 
 def _shard(config: DataConfig) -> tuple[int, int, bool]:
@@ -237,21 +284,30 @@ def _shard(config: DataConfig) -> tuple[int, int, bool]:
 
 
 def _agree(local_batches: int, from_jax: bool, shard_count: int) -> int:
-    """The batch count every host yields: the largest host's (shorter hosts add filler rows)."""
+    """The batch count every host yields: the longest lane's (shorter lanes add filler rows)."""
     if not from_jax or shard_count == 1:
         return local_batches
     from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.asarray(local_batches, np.int64))))
+    return int(np.max(multihost_utils.process_allgather(np.asarray(local_batches, np.int32))))
 
 
-def _fingerprint(config: DataConfig, corpus: Corpus, shard: tuple[int, int]) -> str:
-    """Identifies the data order: store it with a checkpoint and compare on resume."""
-    ignored = ("num_proc", "num_threads", "prefetch", "cache_dir", "skipped_path")  # do not change the data
+def _fingerprint(config: DataConfig, lanes: list[Corpus], from_jax: bool, shard: tuple[int, int]) -> str:
+    """Identifies the data order of the whole run (every lane), the same on every host and for every host count.
+
+    Explicit shards (no jax agreement) can only see their own lanes: then the shard is part of it.
+    """
+    ignored = ("num_proc", "num_threads", "prefetch", "cache_dir", "skipped_path", "shard_index", "shard_count")
     ordered = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
-    h = hashlib.sha256(repr((sorted(ordered.items()), shard)).encode())
-    h.update(corpus.offsets.tobytes())
-    h.update(corpus.tokens.tobytes())
+    digests = np.frombuffer(b"".join(lane.digest() for lane in lanes), np.uint8).reshape(len(lanes), 32)
+    if from_jax and shard[1] > 1:
+        from jax.experimental import multihost_utils
+
+        digests = np.asarray(multihost_utils.process_allgather(digests)).astype(np.uint8).reshape(-1, 32)
+    h = hashlib.sha256(repr(sorted(ordered.items())).encode())
+    if not from_jax and shard[1] > 1:
+        h.update(repr(shard).encode())
+    h.update(digests.tobytes())
     return h.hexdigest()[:16]
 
 
@@ -272,58 +328,66 @@ def build_pipeline(
     if config.batch_size % shard_count:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {shard_count} hosts")
     local_batch = config.batch_size // shard_count
+    own = range(shard_index * local_batch, (shard_index + 1) * local_batch)
     ids = ControlIds.from_tokenizer(tokenizer)
     pad_id = config.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else ids.eos
 
-    corpus, skipped, rows_read = prepare_corpus(config, tokenizer, ids, shard_index, shard_count)
-    epochs = Epochs(corpus, config, shard_index)
-    planned = range(config.num_epochs or 1) if len(corpus) else range(0)
-    rows_per_epoch = [epochs.num_rows(e) for e in planned]
-    real_rows = sum(rows_per_epoch)
+    corpora, skipped, rows_read = prepare_corpus(config, tokenizer, ids, own)
+    epochs = [Epochs(corpus, config, lane) for lane, corpus in zip(own, corpora)]
+    planned = range(config.num_epochs or 1)
+    # A lane without documents only feeds filler rows: fine for a finite run, endless planning for a forever one.
+    usable = any(len(c) for c in corpora) and (config.num_epochs is not None or all(len(c) for c in corpora))
+    filled = [e for e in epochs if len(e.corpus)]
+    rows_per_lane = [sum(e.num_rows(k) for k in planned) if len(e.corpus) else 0 for e in epochs]
+    rows_per_epoch = [sum(e.num_rows(k) for e in filled) for k in planned] if usable else [0]
+    real_rows = sum(rows_per_lane)
     if config.num_epochs is None:
-        total_batches, filler, stream_rows = None, 0, (sys.maxsize // local_batch) * local_batch
+        total_batches, filler, stream_batches = None, 0, sys.maxsize
     else:
-        total_batches = _agree(-(-real_rows // local_batch), from_jax, shard_count)
-        stream_rows = total_batches * local_batch
-        filler = stream_rows - real_rows
+        total_batches = _agree(max(rows_per_lane), from_jax, shard_count)
+        stream_batches = total_batches
+        filler = total_batches * local_batch - real_rows
+    documents = sum(len(c) for c in corpora)
     report = DataReport(
         source=config.source,
         mode=config.mode,
         host=shard_index,
         num_hosts=shard_count,
         rows_read=rows_read,
-        documents=len(corpus),
-        tokens=int(corpus.lengths.sum()),
+        documents=documents,
+        tokens=sum(int(c.lengths.sum()) for c in corpora),
         skipped=skipped,
         row_length=config.row_length,
         batch_size=local_batch,
-        rows_per_epoch=rows_per_epoch or [0],
+        rows_per_epoch=rows_per_epoch,
         total_batches=total_batches,
         filler_rows=filler,
         packing_efficiency=packing_efficiency(
-            sum(epochs.num_tokens(e) for e in planned), real_rows + filler, config.row_length
+            sum(e.num_tokens(k) for e in filled for k in planned) if usable else 0,
+            real_rows + filler,
+            config.row_length,
         ),
-        fingerprint=_fingerprint(config, corpus, (shard_index, shard_count)),
+        fingerprint=_fingerprint(config, corpora, from_jax, (shard_index, shard_count)),
     )
     if config.skipped_path is not None:
         stem, ext = os.path.splitext(config.skipped_path)
         report.write_skipped(f"{stem}.host{shard_index}{ext}" if shard_count > 1 else config.skipped_path)
     if log is not None:
         log(report.summary())
-    if not len(corpus):
+    if not usable:
+        empty = [lane for lane, c in zip(own, corpora) if not len(c)]
         raise DataSourceError(
-            f"no usable rows in {config.source} on host {shard_index}/{shard_count}: "
+            f"no usable rows in lane(s) {empty} of {config.source} on host {shard_index}/{shard_count} (each of the "
+            f"batch_size={config.batch_size} rows of a batch reads a contiguous 1/{config.batch_size} of the source; "
+            f"with num_epochs=null every one needs documents): "
             + "; ".join(f"{n} {rule}" for rule, n in report.skipped_by_rule.items())
             + (f", e.g. {skipped[0].where}: {skipped[0].detail}" if skipped else "")
             + (f" (every skipped row with its reason: {report.skipped_path})" if report.skipped_path else "")
         )
 
-    dataset = (
-        grain.MapDataset.range(stream_rows)
-        .map(RowBuilder(epochs, ids, pad_id, None if config.num_epochs is None else real_rows))
-        .batch(local_batch, drop_remainder=True)
-    )
+    lanes = [RowBuilder(e, ids, pad_id, None if config.num_epochs is None else n) for e, n in zip(epochs, rows_per_lane)]
+    dataset = grain.MapDataset.range(stream_batches).map(BatchBuilder(lanes))
     options = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch)
     return iter(dataset.to_iter_dataset(options)), report

@@ -126,7 +126,7 @@ class DecodeOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
-        SamplingParams.make(self.temperature, self.top_p, self.top_k, self.alg)  # validates
+        SamplingParams.check(self.temperature, self.top_p, self.top_k, self.alg)  # no device: a default at import
         lay.length_table(self.length_scale)
         sch.steps_table(1, self.steps_ratio)
 

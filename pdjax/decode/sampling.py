@@ -37,6 +37,18 @@ class SamplingParams(NamedTuple):
     def make(cls, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
              alg: str = "entropy") -> "SamplingParams":
         """Validated knobs with the reference's conventions (None turns top_p / top_k off)."""
+        cls.check(temperature, top_p, top_k, alg)
+        return cls(
+            jnp.float32(temperature),
+            jnp.float32(1.0 if top_p is None else top_p),
+            jnp.int32(top_k or 0),
+            jnp.int32(ALGS.index(alg)),
+        )
+
+    @staticmethod
+    def check(temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+              alg: str = "entropy") -> None:
+        """Raise ValueError on invalid knobs; touches no device (safe before `jax.distributed.initialize`)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -45,12 +57,6 @@ class SamplingParams(NamedTuple):
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if alg not in ALGS:
             raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
-        return cls(
-            jnp.float32(temperature),
-            jnp.float32(1.0 if top_p is None else top_p),
-            jnp.int32(top_k or 0),
-            jnp.int32(ALGS.index(alg)),
-        )
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:

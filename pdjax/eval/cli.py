@@ -170,6 +170,9 @@ def run_generate(args: argparse.Namespace) -> int:
     """The `generate` command."""
     import jax
 
+    from pdjax.train.trainer import initialize_distributed
+
+    initialize_distributed("auto")  # one host of several (JAX_COORDINATOR_ADDRESS, a TPU slice): join them first
     from pdjax.eval.generate import generate_outputs
     from pdjax.eval.prompts import load_prompts
     from pdjax.eval.report import speed_table, summarize_speed

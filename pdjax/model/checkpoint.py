@@ -320,7 +320,7 @@ def load_pretrained(
     if mesh is not None:
         shardings = state_shardings(abstract, mesh, config.axis_rules)
     else:
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]  # this process's: on a multi-host launch jax.devices()[0] is host 0's
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), abstract)
     flat_shardings = dict(nnx.to_flat_state(shardings))
     flat = dict(nnx.to_flat_state(abstract))

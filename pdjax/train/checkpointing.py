@@ -9,11 +9,13 @@ may be local or anything orbax's epath accepts (``gs://bucket/run``).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE, DATA, META = "state", "data", "meta"
 
@@ -81,10 +83,30 @@ class Checkpointer:
         import grain.checkpoint
 
         items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
-        if data_iterator is not None:
+        elastic = None if data_iterator is None else self._other_host_count_data_state(step)
+        if data_iterator is not None and elastic is None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if elastic is not None:
+            data_iterator.set_state(elastic)
         return restored[STATE], dict(restored[META])
+
+    def _other_host_count_data_state(self, step: int) -> dict[str, Any] | None:
+        """The iterator state of a checkpoint saved by another number of hosts (None: saved by as many as now).
+
+        grain writes one state per host; pdjax's pipeline makes them all the batch index, so any host
+        count may take it over (elastic restart), provided the saved states agree.
+        """
+        folder = epath.Path(self.directory) / str(step) / DATA
+        if (folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+            return None
+        states = [json.loads(f.read_text()) for f in sorted(folder.glob("process_*-of-*.json"))]
+        if not states:
+            raise ValueError(f"{folder} holds no data-iterator state")
+        if any(s != states[0] for s in states):
+            raise ValueError(f"the {len(states)} hosts that saved {folder} stood at different data positions; "
+                             f"resume on {len(states)} hosts")
+        return states[0]
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """Only the metadata of `step` (cheap: no arrays are read)."""

@@ -67,7 +67,10 @@ def initialize_distributed(mode: str) -> bool:
         return True
     # TPU slices, SLURM, Open MPI and Kubernetes are detected by jax itself; a plain launch can give
     # JAX_COORDINATOR_ADDRESS plus JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-    explicit = {k: int(os.environ[e]) for k, e in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if os.environ.get(e)}
+    # JAX_HEARTBEAT_TIMEOUT_SECONDS: how soon the others stop (with an error naming it) after a host dies.
+    names = (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"),
+             ("heartbeat_timeout_seconds", "JAX_HEARTBEAT_TIMEOUT_SECONDS"))
+    explicit = {k: int(os.environ[e]) for k, e in names if os.environ.get(e)}
     jax.distributed.initialize(**explicit)
     return True
 
@@ -251,7 +254,8 @@ class Trainer:
         if restoring:
             state, meta = checkpointer.restore(restore_step, abstract_state, data)
             if report is not None:
-                saved = (meta.get("data_fingerprints") or [None] * jax.process_count())[jax.process_index()]
+                saved_all = meta.get("data_fingerprints") or [None]  # saved by fewer hosts: all hosts' agree
+                saved = saved_all[jax.process_index() if jax.process_index() < len(saved_all) else 0]
                 if saved not in (None, report.fingerprint):
                     raise ValueError(
                         "the data differs from the checkpoint's (config, source or host count changed): "
