@@ -378,10 +378,12 @@ def build_pipeline(
         log(report.summary())
     if not usable:
         empty = [lane for lane, c in zip(own, corpora) if not len(c)]
+        where = f"{config.source} on host {shard_index}/{shard_count}"
+        if documents:  # some lanes have documents, others none
+            where = (f"lane(s) {empty} of {where} (each of the batch_size={config.batch_size} rows of a batch reads a "
+                     f"contiguous 1/{config.batch_size} of the source; with num_epochs=null every one needs documents)")
         raise DataSourceError(
-            f"no usable rows in lane(s) {empty} of {config.source} on host {shard_index}/{shard_count} (each of the "
-            f"batch_size={config.batch_size} rows of a batch reads a contiguous 1/{config.batch_size} of the source; "
-            f"with num_epochs=null every one needs documents): "
+            f"no usable rows in {where}: "
             + "; ".join(f"{n} {rule}" for rule, n in report.skipped_by_rule.items())
             + (f", e.g. {skipped[0].where}: {skipped[0].detail}" if skipped else "")
             + (f" (every skipped row with its reason: {report.skipped_path})" if report.skipped_path else "")
