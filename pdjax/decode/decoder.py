@@ -58,6 +58,11 @@ from pdjax.structure import NEVER, ControlIds, Role, Segments
 DecodeMode = Literal["pd", "ar", "diffusion"]
 DECODE_MODES: tuple[str, ...] = ("pd", "ar", "diffusion")
 
+# XLA may keep bf16 intermediates in f32 inside a fusion ("excess precision"), and fuses differently
+# per shape: a row's logits would then depend on the batch it shares a call with, and a served request
+# would not reproduce the CLI's greedy tokens. Rounding as written makes a row's numerics its own.
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
+
 PREFILL, PLAN, DENOISE, COMMIT, DONE = 0, 1, 2, 3, 4  # an example's phase; CALL_KINDS follow it
 RUNNING, FINISHED_EOS, FINISHED_LENGTH = 0, 1, 2
 FINISH_REASONS = {RUNNING: "running", FINISHED_EOS: "eos", FINISHED_LENGTH: "length"}
@@ -332,7 +337,14 @@ class _Program:
 
     def _call(self, params: Any, window: Window, cache: Any, keys: jax.Array, denoising: jax.Array,
               sampling: SamplingParams, *, width: int):
-        """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits."""
+        """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits.
+
+        A batch of one calls with at least two columns (the second one scratch): a one-token call
+        of one row would make the logits a matrix-vector product, which XLA sums in another order
+        than a matrix product, so a request's greedy tokens would depend on the batch it is in
+        (batch size 1 here, a serving engine's shared calls elsewhere).
+        """
+        width, bucket = max(width, 2 if window.tokens.shape[0] == 1 else 1), width
         cut = lambda a: a[:, :width]  # noqa: E731
         logits, cache = self.s.apply(params, cut(window.tokens), jax.tree.map(cut, window.segments), cache)
         ar_logits = jnp.take_along_axis(logits, jnp.minimum(window.ar_index, width - 1)[:, None, None], axis=1)[:, 0]
@@ -352,7 +364,7 @@ class _Program:
             return Sample(zeros.astype(jnp.int32), zeros, zeros)
 
         # a group window is at least 2 wide (tags / anchor), so width 1 serves plan steps only
-        drawn = skip(pred) if width == 1 else jax.lax.cond(denoising, draw, skip, pred)
+        drawn = skip(pred) if bucket == 1 else jax.lax.cond(denoising, draw, skip, pred)
         pad = self.width - width
         drawn = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad))), drawn)
         return cache, ar_logits, drawn
@@ -682,7 +694,7 @@ class Slots:
         self.forward = forward
         static = _Static(config, forward.apply, forward.make_cache, int(eos_id), ids, int(vocab_size), None)
         self._program = _Program(static)
-        self._serve = jax.jit(self._serve_raw, donate_argnums=(0,))
+        self._serve = jax.jit(self._serve_raw, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
         b = config.batch_size
         self._empty = jax.jit(lambda: self._program.init(jnp.zeros((b, config.max_length + 1), jnp.int32),
                                                          jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)))
@@ -693,8 +705,14 @@ class Slots:
         return self._program.serve(state, params, admit, prompt_tokens, prompt_len, knobs, iterations, until_finish)
 
     def empty(self) -> State:
-        """Slots with no request (every row done) and an empty KV cache."""
-        return self._empty()
+        """Slots with no request (every row done) and an empty KV cache.
+
+        Committed to the parameters' device: `advance` returns committed arrays, and an uncommitted
+        first state would compile the program a second time.
+        """
+        state = self._empty()
+        devices = {d for leaf in jax.tree.leaves(self.forward.params) for d in getattr(leaf, "devices", set)()}
+        return jax.device_put(state, devices.pop()) if len(devices) == 1 else state
 
     def advance(self, state: State, admit: np.ndarray, prompt_tokens: np.ndarray, prompt_len: np.ndarray,
                 knobs: Knobs, iterations: int, until_finish: bool = False, params: Any = None) -> tuple[State, SlotView]:
