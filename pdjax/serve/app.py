@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -24,8 +25,6 @@ from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
 from pdjax.serve.engine import Engine, EngineStopped, QueueFull, Ticket, Update
 from pdjax.serve.protocol import ChatCompletionRequest, completion_id, error_body, now
 from pdjax.serve.text import AnswerText
-
-DISCONNECT_POLL_S = 0.1
 
 
 class ServeError(Exception):
@@ -69,7 +68,9 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
+        # a union's errors name each member after the field (content.str, content.list[...]): name the field
+        common = [str(x) for x in os.path.commonprefix([list(e.get("loc", ())) for e in errors]) if x != "body"]
+        where = ".".join(common or loc)
         if first.get("type") == "json_invalid":
             where = ""
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
@@ -137,12 +138,13 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
 
 
 async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
-    """Cancel the ticket (freeing its slot) once the client has gone."""
+    """Cancel the ticket (freeing its slot) once the client has gone: with the body read, the server's next
+    message is the disconnect (no polling)."""
     while not ticket.done:
-        if await request.is_disconnected():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             ticket.cancel()
             return
-        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 class _Reply:

@@ -302,6 +302,8 @@ class Engine:
         """Serve on a background thread until `shutdown`."""
         if self._thread is not None:
             return
+        with self._cond:
+            self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="pdjax-engine", daemon=True)
         self._thread.start()
