@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=16,
                    help="decoding loop iterations per device call: the host refills slots and streams text between "
                    "chunks (default: 16)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: a finished request's slot is refilled between chunks; static: new requests wait "
+                   "until the whole batch has finished (a baseline for benchmarks) (default: continuous)")
     p.add_argument("--max_spans", type=int, default=16, help="most promises per plan round (default: 16)")
     p.add_argument("--buckets", default=None, help="comma-separated static call widths (default: powers of two)")
     p.add_argument("--drain_timeout", type=float, default=30.0,
@@ -87,10 +90,10 @@ def _serve(args: argparse.Namespace) -> int:
     decoder, tokenizer, _ = build(build_args)
     name = args.served_model_name or args.model or "pdjax-default"
     print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
-    engine = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue)
+    engine = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue, static=args.batching == "static")
     seconds = engine.warmup()
     print(f"pdjax.serve: compiled the serving program in {seconds:.1f} s ({engine.slots.compiled_programs()} "
-          f"program; batch {args.batch_size}, max_length {args.max_length}, chunk {args.chunk})", flush=True)
+          f"program; {args.batching} batches of {args.batch_size}, max_length {args.max_length}, chunk {args.chunk})", flush=True)
 
     try:
         sock = socket.create_server((args.host, args.port), family=_family(args.host))

@@ -104,16 +104,19 @@ class Engine:
     """Continuous batching over a `Decoder`'s model: `submit` requests, `step` (or `start` a thread) to serve them.
 
     ``chunk`` bounds the loop iterations per device call (the host sees results and refills
-    slots between chunks); ``max_queue`` bounds the requests waiting for a slot.
+    slots between chunks); ``max_queue`` bounds the requests waiting for a slot. ``static``
+    admits requests only when every slot is free (static batches: the baseline that continuous
+    batching is measured against in `benchmarks/serve_load.py`).
     """
 
-    def __init__(self, decoder: Decoder, *, chunk: int = 16, max_queue: int = 1024):
+    def __init__(self, decoder: Decoder, *, chunk: int = 16, max_queue: int = 1024, static: bool = False):
         if chunk < 1 or max_queue < 0:
             raise ValueError(f"chunk must be >= 1 and max_queue >= 0, got {chunk} and {max_queue}")
         self.decoder = decoder
         self.config = decoder.config
         self.chunk = chunk
         self.max_queue = max_queue
+        self.static = static
         self.slots = Slots(decoder.forward, eos_id=decoder.eos_id, ids=decoder.ids, config=decoder.config,
                            vocab_size=decoder.vocab_size)
         b, width = self.config.batch_size, self.config.max_length + 1
@@ -217,7 +220,8 @@ class Engine:
                         self._rows[i], admit[i] = None, True
                         self.counts["cancelled"] += 1
                         ended.append((t, Update([], cancelled=True)))
-                for i in range(b):
+                busy = self.static and any(t is not None for t in self._rows)
+                for i in range(0 if busy else b):
                     if self._rows[i] is not None:
                         continue
                     t = self._next_waiting(ended)
@@ -231,7 +235,7 @@ class Engine:
                         _set_row(buf, i, row)
                     t.started_iteration = self._iteration
                 running = [i for i, t in enumerate(self._rows) if t is not None]
-                waiting = bool(self._queue)
+                waiting = bool(self._queue) and not self.static
             for t, u in ended:
                 t._emit(u)
             if not running and not admit.any():
