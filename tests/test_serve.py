@@ -368,3 +368,16 @@ def test_a_client_that_disconnects_frees_its_slot(slow_server, greedy):
     after = eng.stats()
     assert after["cancelled"] - before["cancelled"] == 4  # the four slots were freed, not finished
     assert after["completed"] - before["completed"] == 1
+
+
+def test_a_stop_string_ends_the_answer_before_it(server, greedy):
+    prompt = PROMPTS[0]
+    full = greedy[prompt]["text"]
+    stop = full.split()[3]  # a word from the middle of the CLI's answer
+    client = server.client()
+    answer = chat(client, prompt, temperature=0, stop=[stop])
+    assert answer.choices[0].message.content == full[: full.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, prompt, temperature=0, stop=stop,
+                                                                         stream=True) if c.choices)
+    assert streamed == full[: full.index(stop)]
