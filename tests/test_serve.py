@@ -195,14 +195,17 @@ def test_streaming_reassembles_to_the_same_text(server, greedy):
     ],
 )
 def test_bad_requests_get_400_with_an_openai_error(server, body, param):
-    import httpx2 as httpx
+    import urllib.error
+    import urllib.request
 
     if isinstance(body, dict):
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body})
-    r = httpx.post(server.url + "/chat/completions", content=body, headers={"content-type": "application/json"},
-                   timeout=60)
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
+    req = urllib.request.Request(server.url + "/chat/completions", data=body.encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400
+    error = json.loads(e.value.read())["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
 
@@ -241,28 +244,6 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.read().decode()
-
-
-def test_sigterm_drains_requests_in_flight_and_exits_0(server, greedy):
-    client = server.client()
-    host, port = server.url.removeprefix("http://").removesuffix("/v1").split(":")
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(40)]
-    health = lambda: json.loads(_get(f"http://{host}:{port}/health"))  # noqa: E731
-    base = health()["submitted"]
-    with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(chat, client, p, temperature=0) for p in prompts]
-        deadline = time.monotonic() + 60
-        while health()["submitted"] - base < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        state = health()
-        assert state["running"] + state["waiting"] > 0  # SIGTERM finds requests in flight
-        server.proc.send_signal(signal.SIGTERM)
-        answers = [f.result(timeout=120) for f in futures]
-    assert [a.choices[0].message.content for a in answers] == [greedy[p]["text"] for p in prompts]
-    assert server.proc.wait(timeout=60) == 0
-    with pytest.raises(OSError):
-        socket.create_connection((host, int(port)), timeout=5).close()
-    assert any("stopped" in line for line in server.lines)
 
 
 # ---- the engine without a socket, and an in-process server over it --------------------------
@@ -381,3 +362,28 @@ def test_a_stop_string_ends_the_answer_before_it(server, greedy):
     streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, prompt, temperature=0, stop=stop,
                                                                          stream=True) if c.choices)
     assert streamed == full[: full.index(stop)]
+
+
+# ---- last: it stops the server -------------------------------------------------------------
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(server, greedy):
+    client = server.client()
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").split(":")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(40)]
+    health = lambda: json.loads(_get(f"http://{host}:{port}/health"))  # noqa: E731
+    base = health()["submitted"]
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(chat, client, p, temperature=0) for p in prompts]
+        deadline = time.monotonic() + 60
+        while health()["submitted"] - base < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        state = health()
+        assert state["running"] + state["waiting"] > 0  # SIGTERM finds requests in flight
+        server.proc.send_signal(signal.SIGTERM)
+        answers = [f.result(timeout=120) for f in futures]
+    assert [a.choices[0].message.content for a in answers] == [greedy[p]["text"] for p in prompts]
+    assert server.proc.wait(timeout=60) == 0
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=5).close()
+    assert any("stopped" in line for line in server.lines)
