@@ -17,6 +17,7 @@ import numpy as np
 
 from pdjax.decode.decoder import (
     CALL_KINDS,
+    COMPILER_OPTIONS,
     FINISH_REASONS,
     DecodeConfig,
     DecodeOptions,
@@ -69,7 +70,7 @@ class Decoder:
         self._check_ids()
         self.profiler = Profiler() if config.profile else None
         static = _Static(config, forward.apply, forward.make_cache, self.eos_id, ids, self.vocab_size, self.profiler)
-        self._run = jax.jit(_Program(static).run)
+        self._run = jax.jit(_Program(static).run, compiler_options=COMPILER_OPTIONS)
         self._compiled: set[tuple] = set()  # input signatures (shapes, dtypes, shardings) compiled so far
         self.on_compile: Callable[[str], None] | None = None  # told "compiling ..." before each compilation
         self._pending_compile_s = 0.0  # compile time not yet charged to a batch's stats

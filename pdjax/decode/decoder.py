@@ -58,6 +58,11 @@ from pdjax.structure import NEVER, ControlIds, Role, Segments
 DecodeMode = Literal["pd", "ar", "diffusion"]
 DECODE_MODES: tuple[str, ...] = ("pd", "ar", "diffusion")
 
+# XLA may keep bf16 intermediates in f32 inside a fusion ("excess precision"), and fuses differently
+# per shape: a row's logits would then depend on the batch it shares a call with, and a served request
+# would not reproduce the CLI's greedy tokens. Rounding as written makes a row's numerics its own.
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
+
 PREFILL, PLAN, DENOISE, COMMIT, DONE = 0, 1, 2, 3, 4  # an example's phase; CALL_KINDS follow it
 RUNNING, FINISHED_EOS, FINISHED_LENGTH = 0, 1, 2
 FINISH_REASONS = {RUNNING: "running", FINISHED_EOS: "eos", FINISHED_LENGTH: "length"}
@@ -132,7 +137,11 @@ class DecodeOptions:
 
 
 class Knobs(NamedTuple):
-    """The traced form of `DecodeOptions`."""
+    """The traced form of `DecodeOptions`: every leaf a scalar (one run) or with a leading [B] axis (per row).
+
+    The program works on per-row knobs (`per_row`), so the slots of a serving batch can hold
+    requests with different settings in one compiled program.
+    """
 
     sampling: SamplingParams
     threshold: jax.Array  # float32; < 0 means off
@@ -141,6 +150,13 @@ class Knobs(NamedTuple):
     lengths: jax.Array  # [100] int32: length_table
     key: jax.Array  # typed PRNG key
     max_new: jax.Array  # int32: response budget per request (max_length when off)
+
+
+def per_row(knobs: Knobs, batch: int) -> Knobs:
+    """Knobs with a leading [batch] axis on every leaf (scalar leaves broadcast, per-row leaves kept)."""
+    if knobs.threshold.ndim == 1:
+        return knobs
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), knobs)
 
 
 def make_knobs(options: DecodeOptions, max_length: int) -> Knobs:
@@ -295,7 +311,7 @@ class _Program:
         pos = start[:, None] + rel
         valid = rel < length[:, None]
         span = jnp.clip(jax.vmap(lay.span_of, in_axes=(0, 0, None))(rows.offset, rows.count, rel[0]), 0, self.k - 1)
-        sparse = (not c.mode == "diffusion") & ~knobs.dense
+        sparse = (not c.mode == "diffusion") & ~knobs.dense[:, None]
         group_block = rows.block_base[:, None] + jnp.where(sparse, span, 0)
         is_sync = (phase == COMMIT) & (rel == rows.size[:, None])
         in_group = ((phase == DENOISE) | (phase == COMMIT)) & ~is_sync
@@ -321,7 +337,14 @@ class _Program:
 
     def _call(self, params: Any, window: Window, cache: Any, keys: jax.Array, denoising: jax.Array,
               sampling: SamplingParams, *, width: int):
-        """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits."""
+        """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits.
+
+        A batch of one calls with at least two columns (the second one scratch): a one-token call
+        of one row would make the logits a matrix-vector product, which XLA sums in another order
+        than a matrix product, so a request's greedy tokens would depend on the batch it is in
+        (batch size 1 here, a serving engine's shared calls elsewhere).
+        """
+        width, bucket = max(width, 2 if window.tokens.shape[0] == 1 else 1), width
         cut = lambda a: a[:, :width]  # noqa: E731
         logits, cache = self.s.apply(params, cut(window.tokens), jax.tree.map(cut, window.segments), cache)
         ar_logits = jnp.take_along_axis(logits, jnp.minimum(window.ar_index, width - 1)[:, None, None], axis=1)[:, 0]
@@ -341,7 +364,7 @@ class _Program:
             return Sample(zeros.astype(jnp.int32), zeros, zeros)
 
         # a group window is at least 2 wide (tags / anchor), so width 1 serves plan steps only
-        drawn = skip(pred) if width == 1 else jax.lax.cond(denoising, draw, skip, pred)
+        drawn = skip(pred) if bucket == 1 else jax.lax.cond(denoising, draw, skip, pred)
         pad = self.width - width
         drawn = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad))), drawn)
         return cache, ar_logits, drawn
@@ -356,8 +379,12 @@ class _Program:
         return sample(self._row_keys(rows, knobs), logits, knobs.sampling).token
 
     def _row_keys(self, rows: Rows, knobs: Knobs) -> jax.Array:
-        """[B] keys: one per example and per model call of that example (independent of the batch)."""
-        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(knobs.key, jnp.sum(rows.calls, axis=1))
+        """[B] keys: one per example and per model call of that example (independent of the batch).
+
+        An example's key comes from its own seed and its own call count, so its randomness
+        depends neither on the other rows nor on where a serving engine cut the loop into chunks.
+        """
+        return jax.vmap(jax.random.fold_in)(knobs.key, jnp.sum(rows.calls, axis=1))
 
     def _write(self, row: Rows, token: jax.Array) -> Rows:
         """One example appends an ordinary AR token at row.n."""
@@ -384,7 +411,7 @@ class _Program:
             return written
         ids = self.s.ids
         closing = (token == ids.sync) | (token == ids.eos)
-        laid = _cond(jnp.any(closing), lambda r: jax.vmap(self._layout, in_axes=(0, 0, None))(r, token, knobs), rows)
+        laid = _cond(jnp.any(closing), lambda r: jax.vmap(self._layout)(r, token, knobs), rows)
         return _select_rows(closing, laid, written)
 
     def _layout(self, row: Rows, closer: jax.Array, knobs: Knobs) -> Rows:
@@ -459,15 +486,13 @@ class _Program:
         per_span = jax.vmap(lambda m, sp: jax.ops.segment_sum(m.astype(jnp.int32), sp, num_segments=self.k))(
             masked, window.span
         )
-        use_threshold = knobs.threshold >= 0
+        use_threshold = (knobs.threshold >= 0)[:, None]
         confidence = jnp.where(use_threshold, drawn.prob, drawn.confidence)
         rank = jax.vmap(sch.rank_within_spans)(confidence, window.span, masked)
         counts = sch.unmask_counts(per_span, rows.step, rows.steps)
         scheduled = jax.vmap(sch.select_scheduled)(rank, window.span, counts)
         budget = sch.threshold_budget(per_span, rows.carry, rows.step, rows.steps)
-        gated, carry = jax.vmap(sch.select_threshold, in_axes=(0, 0, 0, 0, None))(
-            rank, window.span, budget, drawn.prob, knobs.threshold
-        )
+        gated, carry = jax.vmap(sch.select_threshold)(rank, window.span, budget, drawn.prob, knobs.threshold)
         take = masked & jnp.where(use_threshold, gated, scheduled)
         index = jnp.where(take, window.segments.position, self.s.scratch)
         tokens = rows.tokens.at[jnp.arange(rows.tokens.shape[0])[:, None], index].set(drawn.token)
@@ -525,17 +550,21 @@ class _Program:
             denoised = _cond(denoising, lambda r: self._denoise(r, window, drawn, knobs), rows)
             new = _select_rows(phase == DENOISE, denoised, new)
         if c.mode == "diffusion":
-            laid = jax.vmap(self._layout_diffusion, in_axes=(0, None))(rows, knobs)
+            laid = jax.vmap(self._layout_diffusion)(rows, knobs)
             new = _select_rows(phase == PREFILL, laid, new)
         return self._mark(state._replace(rows=new), jnp.sum(kinds, 0) > 0)
 
-    def run(self, params: Any, prompt_tokens: jax.Array, prompt_len: jax.Array, knobs: Knobs) -> Output:
-        """Decode a batch: prompt_tokens [B, max_length + 1] (prompt first), prompt_len [B] (0: an empty row)."""
-        c, s = self.s.config, self.s
-        b, k = c.batch_size, self.k
+    # ---- a batch: fresh rows, bounded chunks of iterations, the whole loop ----------------
+
+    def fresh_rows(self, prompt_tokens: jax.Array, prompt_len: jax.Array, max_new: jax.Array) -> Rows:
+        """Rows about to prefill prompt_tokens [B, max_length + 1] (prompt first); prompt_len 0 is an empty row.
+
+        max_new [B] is each row's response budget (`Knobs.max_new`)."""
+        c = self.s.config
+        b, k = prompt_len.shape[0], self.k
         zeros = jnp.zeros((b,), jnp.int32)
-        rows = Rows(
-            tokens=prompt_tokens, prompt_len=prompt_len, limit=jnp.minimum(c.max_length, prompt_len + knobs.max_new),
+        return Rows(
+            tokens=prompt_tokens, prompt_len=prompt_len, limit=jnp.minimum(c.max_length, prompt_len + max_new),
             n=prompt_len,
             phase=jnp.where(prompt_len > 0, PREFILL, DONE).astype(jnp.int32), finish=zeros, round_start=prompt_len,
             grammar=jax.tree.map(lambda x: jnp.broadcast_to(x, (b,)), lay.Grammar.fresh()),
@@ -544,14 +573,157 @@ class _Program:
             step=zeros, steps=zeros, carry=jnp.zeros((b, k), jnp.int32), calls=jnp.zeros((b, 4), jnp.int32),
             rounds=zeros, groups=zeros, spans=zeros,
         )
-        state = State(rows, s.make_cache(b, s.length), jnp.int32(0), jnp.zeros((4,), jnp.int32))
-        state = self._mark(state, jnp.zeros((4,), bool))
+
+    def init(self, prompt_tokens: jax.Array, prompt_len: jax.Array, max_new: jax.Array) -> State:
+        """The loop state before the first iteration: fresh rows and an empty KV cache."""
+        s = self.s
+        rows = self.fresh_rows(prompt_tokens, prompt_len, max_new)
+        state = State(rows, s.make_cache(s.config.batch_size, s.length), jnp.int32(0), jnp.zeros((4,), jnp.int32))
+        return self._mark(state, jnp.zeros((4,), bool))
+
+    def chunk(self, state: State, params: Any, knobs: Knobs, iterations: jax.Array | int,
+              until_finish: jax.Array | bool = False) -> State:
+        """At most `iterations` loop iterations; fewer once every example is done, or (`until_finish`)
+        as soon as one more example is done, so that a host can refill its row."""
+        done_before = jnp.sum(state.rows.phase == DONE)
+
+        def more(carry: tuple[State, jax.Array]) -> jax.Array:
+            st, i = carry
+            done = jnp.sum(st.rows.phase == DONE)
+            return (done < st.rows.phase.shape[0]) & (i < iterations) & ~(until_finish & (done > done_before))
+
+        state, _ = jax.lax.while_loop(more, lambda c: (self.step(c[0], params, knobs), c[1] + 1), (state, jnp.int32(0)))
+        return state
+
+    def run(self, params: Any, prompt_tokens: jax.Array, prompt_len: jax.Array, knobs: Knobs) -> Output:
+        """Decode a batch: prompt_tokens [B, max_length + 1] (prompt first), prompt_len [B] (0: an empty row)."""
+        c = self.s.config
+        knobs = per_row(knobs, c.batch_size)
+        state = self.init(prompt_tokens, prompt_len, knobs.max_new)
         # every iteration moves each unfinished example on by a token or a mask: the cap is never reached
-        cap = 2 * c.max_length + 8
-        state = jax.lax.while_loop(
-            lambda st: jnp.any(st.rows.phase != DONE) & (st.iteration < cap),
-            lambda st: self.step(st, params, knobs),
-            state,
-        )
+        state = self.chunk(state, params, knobs, 2 * c.max_length + 8)
         r = state.rows
         return Output(r.tokens, r.n, r.finish, r.calls, r.rounds, r.groups, r.spans, state.iteration, state.batch_calls)
+
+    # ---- serving: refill finished rows between chunks -------------------------------------
+
+    def refill(self, state: State, admit: jax.Array, prompt_tokens: jax.Array, prompt_len: jax.Array,
+               knobs: Knobs) -> State:
+        """Rows where admit [B] start afresh on their new prompt (length 0 empties the row); their cache rows
+        are cleared, since a stale entry of the same block id would otherwise be visible to the new request."""
+        rows = _select_rows(admit, self.fresh_rows(prompt_tokens, prompt_len, knobs.max_new), state.rows)
+        return state._replace(rows=rows, cache=_cond(jnp.any(admit), lambda c: self._clear_cache(c, admit), state.cache))
+
+    def _clear_cache(self, cache: Any, admit: jax.Array) -> Any:
+        s = self.s
+        empty = s.make_cache(s.config.batch_size, s.length)
+
+        def pick(new: jax.Array, old: jax.Array, axis: int | None) -> jax.Array:
+            if axis is None:
+                return old
+            shape = [1] * old.ndim
+            shape[axis] = admit.shape[0]
+            return jnp.where(admit.reshape(shape), new, old)
+
+        return jax.tree.map(pick, empty, cache, _cache_batch_axes(s.make_cache, s.length))
+
+    def serve(self, state: State, params: Any, admit: jax.Array, prompt_tokens: jax.Array, prompt_len: jax.Array,
+              knobs: Knobs, iterations: jax.Array, until_finish: jax.Array) -> tuple[State, "SlotView"]:
+        """One device call of a serving engine: refill the admitted rows, run a chunk, and return what the host reads."""
+        state = self.chunk(self.refill(state, admit, prompt_tokens, prompt_len, knobs), params, knobs, iterations,
+                           until_finish)
+        r = state.rows
+        # what is final: everything written, except a group still being denoised (its masks)
+        final = jnp.where(r.phase == DENOISE, jnp.maximum(r.group_start, r.prompt_len), r.n)
+        view = SlotView(r.tokens, r.n, final, r.phase == DONE, r.finish, r.calls, r.rounds, r.groups, r.spans,
+                        state.iteration)
+        return state, view
+
+
+def _cache_batch_axes(make_cache: Any, length: int) -> Any:
+    """For each cache leaf, the axis that grows with the batch (None: a leaf shared by all rows)."""
+    two, three = (jax.eval_shape(lambda b=b: make_cache(b, length)) for b in (2, 3))
+
+    def axis(a: Any, b: Any) -> int | None:
+        differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        return differ[0] if differ else None
+
+    return jax.tree.map(axis, two, three)
+
+
+class SlotView(NamedTuple):
+    """What a serving host reads after each chunk, every field [B, ...] (the KV cache stays on device)."""
+
+    tokens: jax.Array
+    n: jax.Array  # written tokens (prompt included)
+    final: jax.Array  # tokens[:final] will not change any more
+    done: jax.Array
+    finish: jax.Array
+    calls: jax.Array
+    rounds: jax.Array
+    groups: jax.Array
+    spans: jax.Array
+    iteration: jax.Array  # loop iterations since the slots were created (all rows)
+
+
+def host_knobs(options: DecodeOptions, max_length: int) -> Knobs:
+    """`make_knobs` with NumPy leaves and the key as its raw data: one request's row of a serving batch."""
+    knobs = make_knobs(options, max_length)
+    return jax.tree.map(np.asarray, knobs._replace(key=jax.random.key_data(knobs.key)))
+
+
+def stack_knobs(rows: list[Knobs]) -> Knobs:
+    """Host knobs of B requests (`host_knobs`) as one per-row `Knobs` of [B, ...] NumPy arrays."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *rows)
+
+
+class Slots:
+    """The decoder as B fixed slots, refilled by the host between bounded chunks of loop iterations.
+
+    This is continuous batching (JetStream's decode slots): a request does not wait for
+    the batch to finish. Each `advance` is one device call and one host sync: rows the
+    host admits start their prefill inside that call's chunk, and the chunk runs at
+    most `iterations` iterations. One compiled program serves every prompt length,
+    knob value and chunk length (`compiled_programs` counts them). A row's answer is
+    the `Decoder`'s for the same prompt and options: its randomness comes from its own
+    seed and call count, never from its neighbours or the chunking.
+    """
+
+    def __init__(self, forward: Any, *, eos_id: int, ids: ControlIds | None, config: DecodeConfig, vocab_size: int):
+        self.config = config
+        self.forward = forward
+        static = _Static(config, forward.apply, forward.make_cache, int(eos_id), ids, int(vocab_size), None)
+        self._program = _Program(static)
+        self._serve = jax.jit(self._serve_raw, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
+        b = config.batch_size
+        self._empty = jax.jit(lambda: self._program.init(jnp.zeros((b, config.max_length + 1), jnp.int32),
+                                                         jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)))
+
+    def _serve_raw(self, state: State, params: Any, admit: jax.Array, prompt_tokens: jax.Array,
+                   prompt_len: jax.Array, knobs: Knobs, iterations: jax.Array, until_finish: jax.Array):
+        knobs = knobs._replace(key=jax.random.wrap_key_data(knobs.key))
+        return self._program.serve(state, params, admit, prompt_tokens, prompt_len, knobs, iterations, until_finish)
+
+    def empty(self) -> State:
+        """Slots with no request (every row done) and an empty KV cache.
+
+        Committed to the parameters' device: `advance` returns committed arrays, and an uncommitted
+        first state would compile the program a second time.
+        """
+        state = self._empty()
+        devices = {d for leaf in jax.tree.leaves(self.forward.params) for d in getattr(leaf, "devices", set)()}
+        return jax.device_put(state, devices.pop()) if len(devices) == 1 else state
+
+    def advance(self, state: State, admit: np.ndarray, prompt_tokens: np.ndarray, prompt_len: np.ndarray,
+                knobs: Knobs, iterations: int, until_finish: bool = False, params: Any = None) -> tuple[State, SlotView]:
+        """Admit rows (admit [B] bool; prompt_tokens [B, max_length + 1], prompt_len [B]; length 0 empties a
+        row), run at most `iterations` iterations, and return the new state (the old one is donated) and the
+        host view of the rows (`SlotView`, on the host)."""
+        params = self.forward.params if params is None else params
+        state, view = self._serve(state, params, np.asarray(admit, bool), np.asarray(prompt_tokens, np.int32),
+                                  np.asarray(prompt_len, np.int32), knobs, np.int32(iterations), np.bool_(until_finish))
+        return state, jax.device_get(view)
+
+    def compiled_programs(self) -> int:
+        """Programs compiled for `advance` so far (one; requests, knobs and chunk lengths never add any)."""
+        return int(self._serve._cache_size())

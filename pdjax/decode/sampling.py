@@ -11,7 +11,10 @@ from that filtered distribution:
 
 The knobs are traced values (a `SamplingParams` pytree), so changing them does
 not recompile; the nucleus sort and the categorical draw are skipped with
-`lax.cond` when no example needs them.
+`lax.cond` when no example needs them. Each knob is a scalar (one setting for
+every row) or shaped like the rows' leading axes (one setting per row, as a
+serving batch whose slots hold different requests): a row's result is the
+same either way.
 """
 
 from __future__ import annotations
@@ -59,23 +62,32 @@ class SamplingParams(NamedTuple):
             raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
 
 
+def _per_row(knob: jax.Array, ndim: int) -> jax.Array:
+    """A knob broadcastable against an array of `ndim` dims whose leading axes are the knob's (scalars stay)."""
+    knob = jnp.asarray(knob)
+    return knob.reshape(knob.shape + (1,) * (ndim - knob.ndim))
+
+
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """logits [..., V] / temperature (if > 0), with tokens outside the top-p nucleus and the top-k set to -inf."""
     logits = logits.astype(jnp.float32)
-    logits = logits / jnp.where(params.temperature > 0, params.temperature, 1.0)
+    temperature = _per_row(params.temperature, logits.ndim)
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0)
     needs_sort = (params.top_p < 1.0) | (params.top_k > 0)
-    return jax.lax.cond(needs_sort, _nucleus_top_k, lambda x, p: x, logits, params)
+    return jax.lax.cond(jnp.any(needs_sort), _nucleus_top_k, lambda x, p: x, logits, params)
 
 
 def _nucleus_top_k(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    top_p, top_k = _per_row(params.top_p, logits.ndim), _per_row(params.top_k, logits.ndim)
     ranked = jnp.sort(logits, axis=-1)[..., ::-1]
     cum = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1)
     # the nucleus: the first token, and every token whose predecessors' mass is still <= top_p
-    kept = 1 + jnp.sum(cum[..., :-1] <= params.top_p, axis=-1, keepdims=True)
-    kept = jnp.where(params.top_k > 0, jnp.minimum(kept, params.top_k), kept)
+    kept = 1 + jnp.sum(cum[..., :-1] <= top_p, axis=-1, keepdims=True)
+    kept = jnp.where(top_k > 0, jnp.minimum(kept, top_k), kept)
     # ties with the last kept value stay (the reference's top-k `<` test; its top-p keeps one of them)
     cut = jnp.take_along_axis(ranked, kept - 1, axis=-1)
-    return jnp.where(logits < cut, -jnp.inf, logits)
+    # rows that filter nothing keep their logits exactly (cum may round past top_p = 1)
+    return jnp.where((logits < cut) & ((top_p < 1.0) | (top_k > 0)), -jnp.inf, logits)
 
 
 class Sample(NamedTuple):
@@ -101,7 +113,8 @@ def sample(keys: jax.Array, logits: jax.Array, params: SamplingParams) -> Sample
         flat = filtered.reshape(-1, filtered.shape[-1])
         return jax.vmap(jax.random.categorical)(flat_keys, flat).reshape(filtered.shape[:-1]).astype(jnp.int32)
 
-    token = jax.lax.cond(params.temperature > 0, draw, lambda f: greedy, filtered)
+    drawing = _per_row(params.temperature, greedy.ndim) > 0
+    token = jax.lax.cond(jnp.any(drawing), lambda f: jnp.where(drawing, draw(f), greedy), lambda f: greedy, filtered)
     prob = jnp.take_along_axis(probs, token[..., None], axis=-1)[..., 0]
     neg_entropy = jnp.sum(probs * jnp.log(probs + ENTROPY_EPS), axis=-1)
     # top-1 minus top-2 by two reductions (lax.top_k is ~10x slower on CPU here)
@@ -109,5 +122,6 @@ def sample(keys: jax.Array, logits: jax.Array, params: SamplingParams) -> Sample
     first = jnp.take_along_axis(probs, best, axis=-1)[..., 0]
     others = jnp.where(jnp.arange(probs.shape[-1]) == best, -jnp.inf, probs)
     margin = first - jnp.max(others, axis=-1)
-    confidence = jnp.select([params.alg == 0, params.alg == 1], [neg_entropy, prob], margin)
+    alg = _per_row(params.alg, prob.ndim)
+    confidence = jnp.select([alg == 0, alg == 1], [neg_entropy, prob], margin)
     return Sample(token, prob, confidence)

@@ -1,0 +1,10 @@
+"""Serving (`python -m pdjax.serve`): continuous batching over the decoder's slots, behind an OpenAI-compatible API.
+
+`engine` is the batching engine (a library object that knows no HTTP), `protocol`
+the OpenAI request/response models, `text` the answer and plan text of a response
+as its tokens become final, `app` the thin FastAPI layer, `cli` the command.
+"""
+
+from pdjax.serve.engine import Engine, EngineStopped, QueueFull, Ticket, Update
+
+__all__ = ["Engine", "EngineStopped", "QueueFull", "Ticket", "Update"]

@@ -1,0 +1,7 @@
+"""`python -m pdjax.serve`."""
+
+import sys
+
+from pdjax.serve.cli import main
+
+sys.exit(main())

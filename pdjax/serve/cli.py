@@ -1,0 +1,120 @@
+"""`python -m pdjax.serve`: an OpenAI-compatible endpoint with continuous batching.
+
+Loads the model once (as `python -m pdjax.decode` does), compiles the serving
+program once, then serves POST /v1/chat/completions, GET /v1/models and
+GET /health with uvicorn on 127.0.0.1 (any other host is an explicit choice).
+SIGTERM (or Ctrl+C) stops accepting connections, lets the requests in flight
+finish for up to --drain_timeout seconds, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; model and decoding flags keep `python -m pdjax.decode`'s names."""
+    from pdjax.decode.cli import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="python -m pdjax.serve",
+        description="Serve a planned-diffusion model (or its AR / diffusion baselines) over the OpenAI chat "
+        "completions API, with continuous batching: finished requests leave the batch between chunks of decoding "
+        "and queued ones take their slots.",
+    )
+    p.add_argument("--model", default=None,
+                   help=f"a local HF-layout folder or a Hugging Face id (default: the shipped model at {DEFAULT_MODEL})")
+    p.add_argument("--served_model_name", default=None,
+                   help="the model id clients send and GET /v1/models lists (default: --model, or 'pdjax-default')")
+    p.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd", help="decoding mode (default: pd)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--batch_size", type=int, default=8, help="decode slots: requests decoded together (default: 8)")
+    p.add_argument("--max_length", type=int, default=2048,
+                   help="prompt + response tokens per request, as in pdjax.decode (default: 2048)")
+    p.add_argument("--max_queue", type=int, default=1024,
+                   help="requests that may wait for a slot; more are answered 429 (default: 1024)")
+    p.add_argument("--chunk", type=int, default=16,
+                   help="decoding loop iterations per device call: the host refills slots and streams text between "
+                   "chunks (default: 16)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: a finished request's slot is refilled between chunks; static: new requests wait "
+                   "until the whole batch has finished (a baseline for benchmarks) (default: continuous)")
+    p.add_argument("--max_spans", type=int, default=16, help="most promises per plan round (default: 16)")
+    p.add_argument("--buckets", default=None, help="comma-separated static call widths (default: powers of two)")
+    p.add_argument("--drain_timeout", type=float, default=30.0,
+                   help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")
+    p.add_argument("--compilation_cache", default=None,
+                   help="a folder for JAX's persistent compilation cache: restarts skip the compile")
+    p.add_argument("--log_level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default: warning)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM / Ctrl+C; returns 0 after a clean shutdown, 2 on a usage error."""
+    from pdjax.decode.cli import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _serve(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdjax.decode.cli import UserError, build
+
+    if args.batch_size < 1 or args.max_queue < 0 or args.chunk < 1 or args.drain_timeout < 0:
+        raise UserError("--batch_size and --chunk must be >= 1, --max_queue and --drain_timeout >= 0")
+    if args.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    import uvicorn
+
+    from pdjax.serve.app import create_app
+    from pdjax.serve.engine import Engine
+
+    t0 = time.perf_counter()
+    build_args = argparse.Namespace(model=args.model, mode=args.mode, max_length=args.max_length,
+                                    batch_size=args.batch_size, max_spans=args.max_spans, buckets=args.buckets,
+                                    profile=False)
+    decoder, tokenizer, _ = build(build_args)
+    name = args.served_model_name or args.model or "pdjax-default"
+    print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
+    engine = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue, static=args.batching == "static")
+    seconds = engine.warmup()
+    print(f"pdjax.serve: compiled the serving program in {seconds:.1f} s ({engine.slots.compiled_programs()} "
+          f"program; {args.batching} batches of {args.batch_size}, max_length {args.max_length}, chunk {args.chunk})", flush=True)
+
+    try:
+        sock = socket.create_server((args.host, args.port), family=_family(args.host))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    port = sock.getsockname()[1]
+    app = create_app(engine, tokenizer, model_name=name, drain_timeout=max(1.0, args.drain_timeout))
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout,
+                            access_log=args.log_level in ("info", "debug"))
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, drain) and re-raises the signal after shutting down:
+    # these handlers receive it, so that a drained server exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"pdjax.serve: serving http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, "
+          f"GET /health); model {name!r}", flush=True)
+    server.run(sockets=[sock])
+    print(f"pdjax.serve: stopped ({engine.stats()['completed']} requests answered)", flush=True)
+    return 0
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
