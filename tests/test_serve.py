@@ -44,12 +44,12 @@ PROMPTS = HELDOUT[:6]
 def cli_build():
     """The CLI's own `build` (batch size 1), run once: later CLI runs reuse it (knobs are traced: no recompile)."""
     args = decode_cli.build_parser().parse_args(["--prompt", "x", "--max_length", str(MAX_LENGTH)])
-    return decode_cli.build(args)
+    return decode_cli.build(args, str(DEFAULT_MODEL))
 
 
 def run_cli(cli_build, monkeypatch, prompts: list[str], *flags: str) -> list[dict]:
     """`python -m pdjax.decode --json` in process: one JSON record per prompt."""
-    monkeypatch.setattr(decode_cli, "build", lambda args: cli_build)
+    monkeypatch.setattr(decode_cli, "build", lambda args, path: cli_build)
     argv = ["--json", "--max_length", str(MAX_LENGTH), *flags]
     for p in prompts:
         argv += ["--prompt", p]

@@ -19,6 +19,7 @@ from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main  # UserError: the one-line error type of every pdjax command
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, default_model_path, read_model_info
 
+DEFAULT_MODEL = Path(default_model_path("pd"))  # the shipped planned-diffusion model
 DEFAULT_MAX_LENGTH = 2048  # the released decoder's default; lower when the model's positions end earlier
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
-import sys
 import time
 from typing import Sequence
+
+from pdjax import compile_cache
+from pdjax.cli_errors import cli_main
+from pdjax.decode.cli import _buckets
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; model and decoding flags keep `python -m pdjax.decode`'s names."""
-    from pdjax.decode.cli import DEFAULT_MODEL
-
     p = argparse.ArgumentParser(
         prog="python -m pdjax.serve",
         description="Serve a planned-diffusion model (or its AR / diffusion baselines) over the OpenAI chat "
@@ -28,15 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         "and queued ones take their slots.",
     )
     p.add_argument("--model", default=None,
-                   help=f"a local HF-layout folder or a Hugging Face id (default: the shipped model at {DEFAULT_MODEL})")
+                   help="a local HF-layout folder or a Hugging Face id (default: the shipped model of --mode, "
+                   "pdjax/assets/default_model/{pd,ar,diffusion})")
     p.add_argument("--served_model_name", default=None,
                    help="the model id clients send and GET /v1/models lists (default: --model, or 'pdjax-default')")
     p.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd", help="decoding mode (default: pd)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--batch_size", type=int, default=8, help="decode slots: requests decoded together (default: 8)")
-    p.add_argument("--max_length", type=int, default=2048,
-                   help="prompt + response tokens per request, as in pdjax.decode (default: 2048)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="prompt + response tokens per request, as in pdjax.decode (default: the model's "
+                   "max_position_embeddings, at most 2048)")
     p.add_argument("--max_queue", type=int, default=1024,
                    help="requests that may wait for a slot; more are answered 429 (default: 1024)")
     p.add_argument("--chunk", type=int, default=16,
@@ -46,30 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous: a finished request's slot is refilled between chunks; static: new requests wait "
                    "until the whole batch has finished (a baseline for benchmarks) (default: continuous)")
     p.add_argument("--max_spans", type=int, default=16, help="most promises per plan round (default: 16)")
-    p.add_argument("--buckets", default=None, help="comma-separated static call widths (default: powers of two)")
+    p.add_argument("--buckets", type=_buckets, default=None,
+                   help="comma-separated static call widths (default: powers of two)")
     p.add_argument("--drain_timeout", type=float, default=30.0,
                    help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")
     p.add_argument("--compilation_cache", default=None,
-                   help="a folder for JAX's persistent compilation cache: restarts skip the compile")
+                   help="a folder for JAX's persistent compilation cache: restarts skip the compile (default: pdjax's "
+                   "cache folder, as pdjax.decode)")
+    compile_cache.add_flag(p)
     p.add_argument("--log_level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default: warning)")
     return p
 
 
+@cli_main("pdjax.serve")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM / Ctrl+C; returns 0 after a clean shutdown, 2 on a usage error."""
-    from pdjax.decode.cli import UserError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return _serve(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _serve(build_parser().parse_args(argv))
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdjax.decode.cli import UserError, build
+    from pdjax.decode.cli import UserError, build, resolve_model
 
     if args.batch_size < 1 or args.max_queue < 0 or args.chunk < 1 or args.drain_timeout < 0:
         raise UserError("--batch_size and --chunk must be >= 1, --max_queue and --drain_timeout >= 0")
@@ -78,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    else:  # pdjax's default folder, shared with decode, train and eval
+        compile_cache.enable(disabled=args.no_compilation_cache)
     import uvicorn
 
     from pdjax.serve.app import create_app
@@ -87,7 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
     build_args = argparse.Namespace(model=args.model, mode=args.mode, max_length=args.max_length,
                                     batch_size=args.batch_size, max_spans=args.max_spans, buckets=args.buckets,
                                     profile=False)
-    decoder, tokenizer, _ = build(build_args)
+    decoder, tokenizer, _ = build(build_args, resolve_model(args.model, args.mode))
+    args.max_length = build_args.max_length  # the model's default when not given
     name = args.served_model_name or args.model or "pdjax-default"
     print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
     engine = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue, static=args.batching == "static")
