@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_prompt_ids
 from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 from pdjax.synthetic.chatterbot import chatterbot_pairs
-from pdjax.synthetic.generate import DEFAULT_MIX, generate, render_completion, to_record
+from pdjax.synthetic.generate import generate, render_completion, to_record
 from pdjax.synthetic.tasks import Example
 from pdjax.synthetic.tokenizer import chatml, save_tokenizer, train_tokenizer
 
@@ -46,16 +46,19 @@ def build_dataset(
     num_heldout: int,
     *,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
-    mix: Mapping[str, float] = DEFAULT_MIX,
+    mix: Mapping[str, float] | None = None,
     length_scale: int = DEFAULT_LENGTH_SCALE,
     chatterbot: bool = False,
+    tasks: str = "default",
 ) -> dict:
     """Generate, train the tokenizer on train, render honest lengths, write everything; return the stats.
 
     ``chatterbot`` adds plain answers from the chatterbot-corpus package (BSD-3-Clause; must be installed).
+    ``tasks`` picks the task set ("default", or "paper": the paper's long-span shape); ``mix``
+    defaults to that set's shape shares.
     """
     pairs = chatterbot_pairs() if chatterbot else ()
-    train, heldout = generate(seed, num_train, num_heldout, mix, plain_pairs=pairs)
+    train, heldout = generate(seed, num_train, num_heldout, mix, plain_pairs=pairs, tasks=tasks)
     tokenizer = train_tokenizer(tokenizer_corpus(train), vocab_size=vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
@@ -67,6 +70,7 @@ def build_dataset(
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     stats = {
         "seed": seed,
+        **({"tasks": tasks} if tasks != "default" else {}),  # the default data's stats stay as they were
         "chatterbot": chatterbot,
         "vocab_size": len(tokenizer),
         "length_scale": length_scale,
