@@ -15,6 +15,7 @@ import statistics
 from typing import Any, Mapping, Sequence
 
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_prompt_ids
+from pdjax.structure.control import CONTROL_STRINGS
 from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 from pdjax.synthetic.chatterbot import chatterbot_pairs
 from pdjax.synthetic.generate import generate, render_completion, to_record
@@ -24,11 +25,20 @@ from pdjax.synthetic.tokenizer import chatml, save_tokenizer, train_tokenizer
 DEFAULT_VOCAB_SIZE = 1536
 
 
-def tokenizer_corpus(examples: Sequence[Example]) -> list[str]:
-    """ChatML texts of the examples (system prompt included) with provisional promise numbers."""
+def tokenizer_corpus(examples: Sequence[Example], split_controls: bool = False) -> list[str]:
+    """ChatML texts of the examples (system prompt included) with provisional promise numbers.
+
+    With ``split_controls`` every control string is replaced by a newline. The control tokens are
+    added only after BPE training, so otherwise BPE sees e.g. ``>jam`` glued to the tag, learns
+    merges that never occur once the tag is its own token, and splits a topic word into pieces
+    (the "default" task set keeps the old corpus, so its tokenizer is unchanged).
+    """
     texts = []
     for ex in examples:
         completion = render_completion(ex, [[1] * len(r) for r in ex.rounds])
+        if split_controls:
+            for control in CONTROL_STRINGS.values():
+                completion = completion.replace(control, "\n")
         texts.append(chatml(ex.prompt, completion, DEFAULT_SYSTEM_PROMPT))
     return texts
 
@@ -59,7 +69,7 @@ def build_dataset(
     """
     pairs = chatterbot_pairs() if chatterbot else ()
     train, heldout = generate(seed, num_train, num_heldout, mix, plain_pairs=pairs, tasks=tasks)
-    tokenizer = train_tokenizer(tokenizer_corpus(train), vocab_size=vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(train, split_controls=tasks != "default"), vocab_size=vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
     splits = {

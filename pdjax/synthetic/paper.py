@@ -7,7 +7,9 @@ a first round. Here a prompt names 2-4 subjects (numbers, words, months, weekday
 pairs from a price list) and each span states a *profile* of its subject: 2-5
 facts that the prompt determines and a program checks, about 15-60 tokens. A span
 depends only on the prompt and its own promise's topic, so the spans of a round
-can be written in parallel.
+can be written in parallel. A topic is one word ("tiger", "March", "first",
+or the first item of a compared pair), so a whole promise
+`<promise>-<topic>tiger 3</topic>` is 5-6 tokens.
 
 - ``one_round``: one span per subject, 2-4 subjects;
 - ``multi_round``: round 1 as above; after `<sync/>` a second round of 2 spans,
@@ -102,7 +104,14 @@ def _respace(rounds: Sequence[tuple[Unit, ...]]) -> tuple[tuple[Unit, ...], ...]
     return tuple(out)
 
 
-def _example(prompt: str, shape: Shape, family: str, key: str, rounds: Sequence[tuple[Unit, ...]], facts: Sequence[Sequence[Fact]]) -> Example:
+def _example(
+    prompt: str,
+    shape: Shape,
+    family: str,
+    key: str,
+    rounds: Sequence[tuple[Unit, ...]],
+    facts: Sequence[Sequence[Fact]],
+) -> Example:
     flat = tuple(f for fs in facts for f in fs)
     return Example(prompt, shape, family, key, _respace(rounds), "", flat)
 
@@ -124,7 +133,9 @@ NUMBERS_PROMPTS = (
 )
 
 
-def numbers(rng: random.Random, count: int | None = None, required: Sequence[str] = ()) -> tuple[list[int], list[str], str]:
+def numbers(
+    rng: random.Random, count: int | None = None, required: Sequence[str] = ()
+) -> tuple[list[int], list[str], str]:
     ns = rng.sample(range(10, 100), count or rng.randint(2, 4))
     groups, asks = _asks(rng, NUMBER_GROUPS, 2, 3, required)
     return ns, groups, rng.choice(NUMBERS_PROMPTS).format(xs=_listing([str(n) for n in ns]), asks=asks)
@@ -132,9 +143,9 @@ def numbers(rng: random.Random, count: int | None = None, required: Sequence[str
 
 def number_profiles(rng: random.Random) -> Example:
     ns, groups, prompt = numbers(rng)
-    # Numbers cannot stand in a topic (its first digits are the length), so spans are named by order.
+    # Numbers cannot stand in a topic (its first digits are the length), so spans are named by order ("first", ...).
     facts = [_number_facts(n, groups) for n in ns]
-    rnd = _round([f"{ORDINALS[i]} number" for i in range(len(ns))], facts)
+    rnd = _round([ORDINALS[i] for i in range(len(ns))], facts)
     return _example(prompt, "one_round", "number_profiles", f"numbers|{','.join(map(str, sorted(ns)))}", [rnd], facts)
 
 
@@ -204,7 +215,7 @@ def price_pairs(rng: random.Random) -> Example:
     pairs = [(names[2 * i], names[2 * i + 1]) for i in range(count)]
     prompt = rng.choice(PRICE_PROMPTS).format(table=_table_text(table), pairs=_pairs_text(pairs))
     facts = [_pair_facts(table, a, b) for a, b in pairs]
-    rnd = _round([f"{a} and {b}" for a, b in pairs], facts)
+    rnd = _round([a for a, _ in pairs], facts)  # an item is in one pair only: it names the pair
     return _example(prompt, "one_round", "price_pairs", f"prices|{_pairs_key(table, pairs)}", [rnd], facts)
 
 
@@ -221,7 +232,7 @@ def mixed_profiles(rng: random.Random) -> Example:
         if kind == "number":
             n = rng.randint(10, 99)
             named.append(f"the number {n}")
-            topics.append("the number")
+            topics.append("number")
             facts.append(_number_facts(n, ("neighbours", "parity", "digits")))
             key.append(str(n))
         elif kind == "word":
@@ -243,7 +254,9 @@ def mixed_profiles(rng: random.Random) -> Example:
             facts.append(_day_facts(d))
             key.append(d)
     prompt = rng.choice(MIXED_PROMPTS).format(xs=_listing(named))
-    return _example(prompt, "one_round", "mixed_profiles", f"mixed|{','.join(sorted(key))}", [_round(topics, facts)], facts)
+    return _example(
+        prompt, "one_round", "mixed_profiles", f"mixed|{','.join(sorted(key))}", [_round(topics, facts)], facts
+    )
 
 
 # ----------------------------------------------------------------------------- two rounds
@@ -273,8 +286,8 @@ def number_compare(rng: random.Random) -> Example:
         [number_fact(kind, ns[i]), number_fact(kind, ns[j]), number_fact("compare", values[i], values[j])]
         for i, j in pairs
     ]
-    topics1 = [f"{ORDINALS[i]} number" for i in range(len(ns))]
-    topics2 = [f"{ORDINALS[i]} and {ORDINALS[j]}" for i, j in pairs]
+    topics1 = [ORDINALS[i] for i in range(len(ns))]
+    topics2 = [ORDINALS[i] for i, _ in pairs]  # named by the first number compared
     rounds = [_round(topics1, first), _round(topics2, second, conclude=True)]
     key = f"numbers|{','.join(map(str, sorted(ns)))}"
     return _example(prompt, "multi_round", "number_compare", key, rounds, first + second)
@@ -297,7 +310,7 @@ def word_compare(rng: random.Random) -> Example:
         [word_fact("letter_count", ws[i]), word_fact("letter_count", ws[j]), word_fact("longer", ws[i], ws[j])]
         for i, j in pairs
     ]
-    rounds = [_round(ws, first), _round([f"{ws[i]} and {ws[j]}" for i, j in pairs], second, conclude=True)]
+    rounds = [_round(ws, first), _round([ws[i] for i, _ in pairs], second, conclude=True)]
     return _example(prompt, "multi_round", "word_compare", f"words|{','.join(sorted(ws))}", rounds, first + second)
 
 
@@ -310,11 +323,13 @@ def price_compare(rng: random.Random) -> Example:
     winners = [a if table[a] > table[b] else b for a, b in pairs]
     prompt = rng.choice(PRICE_PROMPTS).format(table=_table_text(table), pairs=_pairs_text(pairs))
     later = _comparison_pairs(count)
-    prompt += " Then compare the pricier items: " + _listing([f"pair {i + 1} with pair {j + 1}" for i, j in later]) + "."
+    prompt += (
+        " Then compare the pricier items: " + _listing([f"pair {i + 1} with pair {j + 1}" for i, j in later]) + "."
+    )
     first = [_pair_facts(table, a, b) for a, b in pairs]
     second = [_pair_facts(table, winners[i], winners[j]) for i, j in later]
-    topics1 = [f"{a} and {b}" for a, b in pairs]
-    topics2 = [f"{winners[i]} and {winners[j]}" for i, j in later]
+    topics1 = [a for a, _ in pairs]
+    topics2 = [winners[i] for i, _ in later]
     rounds = [_round(topics1, first), _round(topics2, second, conclude=True)]
     key = f"prices|{_pairs_key(table, pairs)}"
     return _example(prompt, "multi_round", "price_compare", key, rounds, first + second)
@@ -378,5 +393,12 @@ Family = Callable[[random.Random], Example]
 PAPER_FAMILIES: dict[Shape, tuple[Family, ...]] = {
     "one_round": (number_profiles, word_profiles, month_profiles, day_profiles, price_pairs, mixed_profiles),
     "multi_round": (number_compare, word_compare, price_compare),
-    "plain": (plain(number_profiles), plain(word_profiles), plain(price_pairs), plain(mixed_profiles), single_profile, chat),
+    "plain": (
+        plain(number_profiles),
+        plain(word_profiles),
+        plain(price_pairs),
+        plain(mixed_profiles),
+        single_profile,
+        chat,
+    ),
 }
