@@ -128,7 +128,7 @@ def _asks(rng: random.Random, groups: dict, low: int, high: int, required: Seque
 
 NUMBERS_PROMPTS = (
     "For each of the numbers {xs}, give {asks}.",
-    "Tell me about the numbers {xs}: {asks}.",
+    "Tell me about each of the numbers {xs}: {asks}.",
     "Describe each of {xs}: {asks}.",
 )
 
@@ -280,7 +280,7 @@ def number_compare(rng: random.Random) -> Example:
     else:  # pragma: no cover - 100 draws without a strict comparison is practically impossible
         raise RuntimeError("number_compare: no distinct values drawn")
     what = {"next": "numbers after", "previous": "numbers before", "tens": "tens digits", "ones": "ones digits"}[kind]
-    prompt += f" Then compare the {what} " + _listing([f"{ns[i]} and {ns[j]}" for i, j in pairs]) + "."
+    prompt += f" Then compare the {what} " + "; ".join(f"{ns[i]} and {ns[j]}" for i, j in pairs) + "."
     first = [_number_facts(n, groups) for n in ns]
     second = [
         [number_fact(kind, ns[i]), number_fact(kind, ns[j]), number_fact("compare", values[i], values[j])]
@@ -304,7 +304,7 @@ def word_compare(rng: random.Random) -> Example:
     else:  # pragma: no cover
         raise RuntimeError("word_compare: no words of distinct lengths drawn")
     prompt = rng.choice(WORDS_PROMPTS).format(xs=_listing(ws))
-    prompt += " Then say which is longer: " + _listing([f"{ws[i]} or {ws[j]}" for i, j in pairs]) + "."
+    prompt += " Then say which is longer: " + "; ".join(f"{ws[i]} or {ws[j]}" for i, j in pairs) + "."
     first = [_word_facts(w) for w in ws]
     second = [
         [word_fact("letter_count", ws[i]), word_fact("letter_count", ws[j]), word_fact("longer", ws[i], ws[j])]
