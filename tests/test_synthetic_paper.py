@@ -191,3 +191,21 @@ def test_cli_and_source_select_the_paper_tasks(tmp_path, capsys):
         parse_spec("synthetic:x?tasks=nope")
     with pytest.raises(ValueError, match="holds synthetic data built with"):  # same folder, other task set
         ensure_synthetic(f"synthetic:{tmp_path / 'src'}?num_train=200&num_heldout=20", log=None)
+
+
+def test_ideal_calls_follow_the_decoding_rule(paper_data):
+    """METHOD §4: a planned round costs its promise tokens + int(max promised length * steps_ratio) calls."""
+    from pdjax.synthetic.dataset import ideal_calls
+
+    _, tok, _ = paper_data
+    ids = ControlIds.from_tokenizer(tok)
+    span_a, span_b = "The number after 47 is 48.", " 47 is odd."
+    promises = "<promise>-<topic>first 2</topic><promise>-<topic>second 1</topic>"
+    completion = promises + f"<async>{span_a}</async><async>{span_b}</async>"
+    response = tok.encode(completion, add_special_tokens=False) + [ids.eos]
+    ar_tokens = len(tok.encode(span_a + span_b, add_special_tokens=False)) + 1
+    promise_tokens = len(tok.encode(promises, add_special_tokens=False))
+    assert ideal_calls(response, ids, 1.0) == (ar_tokens, promise_tokens + 20 + 1)
+    assert ideal_calls(response, ids, 0.5) == (ar_tokens, promise_tokens + 10 + 1)
+    plain = tok.encode("47 is odd.", add_special_tokens=False) + [ids.eos]
+    assert ideal_calls(plain, ids) == (len(plain), len(plain))

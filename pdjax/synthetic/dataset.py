@@ -104,6 +104,27 @@ def _describe(values: Sequence[int]) -> dict[str, float]:
     }
 
 
+def ideal_calls(response: Sequence[int], ids: Any, steps_ratio: float = 1.0) -> tuple[int, int]:
+    """(AR calls, PD calls) an ideal decoder needs for this annotated response (ids end with `<|im_end|>`).
+
+    AR writes every token of the answer without its plan (+ `<|im_end|>`). PD writes each planned
+    round's promises token by token, then denoises its spans in int(max promised length * steps_ratio)
+    steps (METHOD §4), and writes everything outside planned rounds (plain text, `<sync/>`,
+    `<|im_end|>`) token by token. The ratio bounds the speed-up a perfectly trained PD model can show.
+    """
+    from pdjax.structure import parse_response, strip_plan
+
+    parsed = parse_response(list(response), ids)
+    ar = len(strip_plan(list(response), ids))
+    pd = len(response)
+    for rnd in parsed.rounds:
+        if rnd.is_plain:
+            continue
+        pd -= sum(s.end - s.start + 1 for s in rnd.spans)
+        pd += int(max(p.length for p in rnd.promises) * steps_ratio)
+    return ar, pd
+
+
 def dataset_stats(rows: Sequence[Mapping], tokenizer: Any) -> dict:
     """Counts per shape and family, spans and rounds per example, span and example lengths in tokens."""
     from pdjax.structure import ControlIds, parse_response
