@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=TASK_SETS,
         default="default",
         help="task set: default (the shipped models' data: one short fact per span) or paper "
-        "(the paper's shape: 2-4 spans of ~15-60 tokens per round, several facts each)",
+        "(the paper's shape: 2-4 spans of ~20-50 tokens per round, 2-5 facts each)",
     )
     for shape, weight in DEFAULT_MIX.items():
         p.add_argument(
