@@ -119,6 +119,8 @@ def test_shape_shares_and_plain_answers(paper_data):
     got = collections.Counter(r["shape"] for r in _all_rows(rows))
     assert dict(got) == total
     assert stats["tasks"] == "paper"
+    bound = stats["ideal_ar_over_pd_calls"]
+    assert 1.0 < bound["steps_ratio_1.0"] < bound["steps_ratio_0.5"]
     ids = ControlIds.from_tokenizer(tok)
     for row in _all_rows(rows):
         toks, parsed = _parsed(row, tok)

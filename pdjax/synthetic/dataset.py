@@ -86,6 +86,8 @@ def build_dataset(
         "length_scale": length_scale,
         **{name: dataset_stats(rows, tokenizer) for name, rows in splits.items()},
     }
+    if tasks != "default":  # the default data's stats stay as they were
+        stats["ideal_ar_over_pd_calls"] = ideal_call_ratio(splits["heldout"], tokenizer)
     with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)
     return stats
@@ -123,6 +125,24 @@ def ideal_calls(response: Sequence[int], ids: Any, steps_ratio: float = 1.0) -> 
         pd -= sum(s.end - s.start + 1 for s in rnd.spans)
         pd += int(max(p.length for p in rnd.promises) * steps_ratio)
     return ar, pd
+
+
+def ideal_call_ratio(rows: Sequence[Mapping], tokenizer: Any, ratios: Sequence[float] = (1.0, 0.5)) -> dict[str, float]:
+    """AR calls / PD calls of an ideal decoder over `rows` (ratio of the sums), per steps_ratio.
+
+    The bound a perfectly trained PD model can reach on this data: the benchmark's "AR calls / PD
+    calls" cannot exceed it (much).
+    """
+    from pdjax.structure import ControlIds
+
+    ids = ControlIds.from_tokenizer(tokenizer)
+    responses = [tokenizer.encode(r["completion"], add_special_tokens=False) + [ids.eos] for r in rows]
+    out = {}
+    for ratio in ratios:
+        calls = [ideal_calls(resp, ids, ratio) for resp in responses]
+        pd = sum(c[1] for c in calls)
+        out[f"steps_ratio_{ratio}"] = round(sum(c[0] for c in calls) / pd, 3) if pd else None
+    return out
 
 
 def dataset_stats(rows: Sequence[Mapping], tokenizer: Any) -> dict:
