@@ -31,7 +31,8 @@ class SyntheticSpec:
     num_heldout: int = 500
     vocab_size: int | None = None  # None: pdjax.synthetic's default
     chatterbot: bool = False
-    mix: tuple[tuple[str, float], ...] = ()  # shape shares; () is pdjax.synthetic's default mix
+    mix: tuple[tuple[str, float], ...] = ()  # shape shares; () is the task set's default mix
+    tasks: str = "default"  # pdjax.synthetic task set: default, or paper (the paper's long-span shape)
 
     def file(self, split: str) -> str:
         """The JSONL file of `split` ("train" or "heldout")."""
@@ -66,23 +67,30 @@ def parse_spec(source: str) -> SyntheticSpec:
             raise ValueError(f"{source!r}: {item!r} is not key=value")
         if key in ("seed", "num_train", "num_heldout", "vocab_size"):
             fields[key] = int(value)
+        elif key == "tasks":
+            from pdjax.synthetic.generate import TASK_SETS
+
+            if value not in TASK_SETS:
+                raise ValueError(f"{source!r}: tasks must be one of {TASK_SETS}, got {value!r}")
+            fields[key] = value
         elif key == "chatterbot":
             fields[key] = value.lower() in ("1", "true", "yes")
         elif key in SHAPES:
             mix[key] = float(value)
         else:
-            known = ["seed", "num_train", "num_heldout", "vocab_size", "chatterbot", *SHAPES]
+            known = ["seed", "num_train", "num_heldout", "vocab_size", "chatterbot", "tasks", *SHAPES]
             raise ValueError(f"{source!r}: unknown key {key!r}; expected one of {known}")
     return SyntheticSpec(**fields, mix=tuple(sorted(mix.items())))
 
 
 def _settings(spec: SyntheticSpec) -> dict[str, Any]:
     """What must match between a spec and a built folder's stats.json."""
-    from pdjax.synthetic import DEFAULT_MIX
     from pdjax.synthetic.dataset import DEFAULT_VOCAB_SIZE
+    from pdjax.synthetic.generate import default_mix
 
-    mix = dict(DEFAULT_MIX)
+    mix = dict(default_mix(spec.tasks))
     mix.update(dict(spec.mix))
+    tasks = {"tasks": spec.tasks} if spec.tasks != "default" else {}  # default folders' stamps stay valid
     return {
         "seed": spec.seed,
         "num_train": spec.num_train,
@@ -90,6 +98,7 @@ def _settings(spec: SyntheticSpec) -> dict[str, Any]:
         "vocab_size": spec.vocab_size or DEFAULT_VOCAB_SIZE,
         "chatterbot": spec.chatterbot,
         "mix": mix,
+        **tasks,
     }
 
 
@@ -128,7 +137,7 @@ def ensure_synthetic(source: str, log: Any = print) -> SyntheticSpec:
     try:
         build_dataset(
             tmp, spec.seed, spec.num_train, spec.num_heldout,
-            vocab_size=wanted["vocab_size"], mix=wanted["mix"], chatterbot=spec.chatterbot,
+            vocab_size=wanted["vocab_size"], mix=wanted["mix"], chatterbot=spec.chatterbot, tasks=spec.tasks,
         )  # fmt: skip
         with open(os.path.join(tmp, STAMP), "w") as f:
             json.dump(wanted, f, indent=2)

@@ -1,4 +1,4 @@
-"""`python -m pdjax.synthetic --out DIR --seed S --num_train N --num_heldout M`: build the default model's data."""
+"""`python -m pdjax.synthetic --out DIR --seed S --num_train N --num_heldout M [--tasks paper]`: build the default model's data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Sequence
 
 from pdjax.cli_errors import cli_main
 from pdjax.synthetic.dataset import DEFAULT_VOCAB_SIZE, build_dataset
-from pdjax.synthetic.generate import DEFAULT_MIX
+from pdjax.synthetic.generate import DEFAULT_MIX, TASK_SETS, default_mix
 
 
 @cli_main("pdjax.synthetic")
@@ -21,18 +21,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num_train", type=int, default=20000)
     p.add_argument("--num_heldout", type=int, default=500)
     p.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary incl. the 3 chat specials; the 7 control tokens come on top")
+    p.add_argument(
+        "--tasks",
+        choices=TASK_SETS,
+        default="default",
+        help="task set: default (the shipped models' data: one short fact per span) or paper "
+        "(the paper's shape: 2-4 spans of ~20-50 tokens per round, 2-5 facts each)",
+    )
     for shape, weight in DEFAULT_MIX.items():
-        p.add_argument(f"--{shape}", type=float, default=weight, help=f"share of {shape} answers (default {weight})")
+        p.add_argument(
+            f"--{shape}", type=float, default=None,
+            help=f"share of {shape} answers (default {weight}; with --tasks paper {default_mix('paper')[shape]})",
+        )  # fmt: skip
     p.add_argument(
         "--chatterbot",
         action="store_true",
         help="add plain small-talk answers from the chatterbot-corpus package (BSD-3-Clause; pip install it first)",
     )
     args = p.parse_args(argv)
-    mix = {shape: getattr(args, shape) for shape in DEFAULT_MIX}
+    base = default_mix(args.tasks)
+    mix = {shape: base[shape] if getattr(args, shape) is None else getattr(args, shape) for shape in DEFAULT_MIX}
     stats = build_dataset(
         args.out, args.seed, args.num_train, args.num_heldout,
-        vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot,
+        vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot, tasks=args.tasks,
     )  # fmt: skip
     json.dump(stats, sys.stdout, indent=2)
     print()

@@ -15,20 +15,30 @@ import statistics
 from typing import Any, Mapping, Sequence
 
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_prompt_ids
+from pdjax.structure.control import CONTROL_STRINGS
 from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 from pdjax.synthetic.chatterbot import chatterbot_pairs
-from pdjax.synthetic.generate import DEFAULT_MIX, generate, render_completion, to_record
+from pdjax.synthetic.generate import generate, render_completion, to_record
 from pdjax.synthetic.tasks import Example
 from pdjax.synthetic.tokenizer import chatml, save_tokenizer, train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 1536
 
 
-def tokenizer_corpus(examples: Sequence[Example]) -> list[str]:
-    """ChatML texts of the examples (system prompt included) with provisional promise numbers."""
+def tokenizer_corpus(examples: Sequence[Example], split_controls: bool = False) -> list[str]:
+    """ChatML texts of the examples (system prompt included) with provisional promise numbers.
+
+    With ``split_controls`` every control string is replaced by a newline. The control tokens are
+    added only after BPE training, so otherwise BPE sees e.g. ``>jam`` glued to the tag, learns
+    merges that never occur once the tag is its own token, and splits a topic word into pieces
+    (the "default" task set keeps the old corpus, so its tokenizer is unchanged).
+    """
     texts = []
     for ex in examples:
         completion = render_completion(ex, [[1] * len(r) for r in ex.rounds])
+        if split_controls:
+            for control in CONTROL_STRINGS.values():
+                completion = completion.replace(control, "\n")
         texts.append(chatml(ex.prompt, completion, DEFAULT_SYSTEM_PROMPT))
     return texts
 
@@ -46,17 +56,20 @@ def build_dataset(
     num_heldout: int,
     *,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
-    mix: Mapping[str, float] = DEFAULT_MIX,
+    mix: Mapping[str, float] | None = None,
     length_scale: int = DEFAULT_LENGTH_SCALE,
     chatterbot: bool = False,
+    tasks: str = "default",
 ) -> dict:
     """Generate, train the tokenizer on train, render honest lengths, write everything; return the stats.
 
     ``chatterbot`` adds plain answers from the chatterbot-corpus package (BSD-3-Clause; must be installed).
+    ``tasks`` picks the task set ("default", or "paper": the paper's long-span shape); ``mix``
+    defaults to that set's shape shares.
     """
     pairs = chatterbot_pairs() if chatterbot else ()
-    train, heldout = generate(seed, num_train, num_heldout, mix, plain_pairs=pairs)
-    tokenizer = train_tokenizer(tokenizer_corpus(train), vocab_size=vocab_size)
+    train, heldout = generate(seed, num_train, num_heldout, mix, plain_pairs=pairs, tasks=tasks)
+    tokenizer = train_tokenizer(tokenizer_corpus(train, split_controls=tasks != "default"), vocab_size=vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
     splits = {
@@ -67,11 +80,14 @@ def build_dataset(
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     stats = {
         "seed": seed,
+        **({"tasks": tasks} if tasks != "default" else {}),  # the default data's stats stay as they were
         "chatterbot": chatterbot,
         "vocab_size": len(tokenizer),
         "length_scale": length_scale,
         **{name: dataset_stats(rows, tokenizer) for name, rows in splits.items()},
     }
+    if tasks != "default":  # the default data's stats stay as they were
+        stats["ideal_ar_over_pd_calls"] = ideal_call_ratio(splits["heldout"], tokenizer)
     with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)
     return stats
@@ -88,6 +104,45 @@ def _describe(values: Sequence[int]) -> dict[str, float]:
         "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
         "max": ordered[-1],
     }
+
+
+def ideal_calls(response: Sequence[int], ids: Any, steps_ratio: float = 1.0) -> tuple[int, int]:
+    """(AR calls, PD calls) an ideal decoder needs for this annotated response (ids end with `<|im_end|>`).
+
+    AR writes every token of the answer without its plan (+ `<|im_end|>`). PD writes each planned
+    round's promises token by token, then denoises its spans in int(max promised length * steps_ratio)
+    steps (METHOD §4), and writes everything outside planned rounds (plain text, `<sync/>`,
+    `<|im_end|>`) token by token. The ratio bounds the speed-up a perfectly trained PD model can show.
+    """
+    from pdjax.structure import parse_response, strip_plan
+
+    parsed = parse_response(list(response), ids)
+    ar = len(strip_plan(list(response), ids))
+    pd = len(response)
+    for rnd in parsed.rounds:
+        if rnd.is_plain:
+            continue
+        pd -= sum(s.end - s.start + 1 for s in rnd.spans)
+        pd += int(max(p.length for p in rnd.promises) * steps_ratio)
+    return ar, pd
+
+
+def ideal_call_ratio(rows: Sequence[Mapping], tokenizer: Any, ratios: Sequence[float] = (1.0, 0.5)) -> dict[str, float]:
+    """AR calls / PD calls of an ideal decoder over `rows` (ratio of the sums), per steps_ratio.
+
+    The bound a perfectly trained PD model can reach on this data: the benchmark's "AR calls / PD
+    calls" cannot exceed it (much).
+    """
+    from pdjax.structure import ControlIds
+
+    ids = ControlIds.from_tokenizer(tokenizer)
+    responses = [tokenizer.encode(r["completion"], add_special_tokens=False) + [ids.eos] for r in rows]
+    out = {}
+    for ratio in ratios:
+        calls = [ideal_calls(resp, ids, ratio) for resp in responses]
+        pd = sum(c[1] for c in calls)
+        out[f"steps_ratio_{ratio}"] = round(sum(c[0] for c in calls) / pd, 3) if pd else None
+    return out
 
 
 def dataset_stats(rows: Sequence[Mapping], tokenizer: Any) -> dict:

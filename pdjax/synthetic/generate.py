@@ -20,6 +20,31 @@ from pdjax.synthetic.tasks import FAMILIES, SHAPES, Example, Shape, pairs_family
 
 DEFAULT_MIX: Mapping[Shape, float] = {"one_round": 0.45, "multi_round": 0.35, "plain": 0.20}
 
+# Task sets: "default" is the data the shipped models were trained on (kept byte-identical);
+# "paper" has the paper's shape: 2-4 long spans per round (pdjax.synthetic.paper).
+TASK_SETS: tuple[str, ...] = ("default", "paper")
+
+
+def task_families(tasks: str) -> dict:
+    """The families of task set `tasks`, by shape."""
+    if tasks == "default":
+        return dict(FAMILIES)
+    if tasks == "paper":
+        from pdjax.synthetic.paper import PAPER_FAMILIES
+
+        return dict(PAPER_FAMILIES)
+    raise ValueError(f"unknown task set {tasks!r}; expected one of {TASK_SETS}")
+
+
+def default_mix(tasks: str = "default") -> Mapping[str, float]:
+    """The shape shares of task set `tasks` when none are given."""
+    if tasks == "paper":
+        from pdjax.synthetic.paper import PAPER_MIX
+
+        return PAPER_MIX
+    task_families(tasks)  # validates the name
+    return DEFAULT_MIX
+
 
 def shape_counts(total: int, mix: Mapping[str, float]) -> dict[str, int]:
     """Split `total` over the shapes in proportion to `mix` (largest remainder, so the sum is exact)."""
@@ -37,17 +62,20 @@ def generate(
     seed: int,
     num_train: int,
     num_heldout: int,
-    mix: Mapping[str, float] = DEFAULT_MIX,
+    mix: Mapping[str, float] | None = None,
     plain_pairs: Sequence[tuple[str, str]] = (),
+    tasks: str = "default",
 ) -> tuple[list[Example], list[Example]]:
     """Draw num_train + num_heldout distinct questions and split them by question (and so by prompt).
 
-    ``plain_pairs`` (e.g. `chatterbot_pairs()`) add a family of fixed plain answers.
+    ``plain_pairs`` (e.g. `chatterbot_pairs()`) add a family of fixed plain answers; ``tasks``
+    picks the task set (`TASK_SETS`), ``mix`` defaults to that set's shares.
     """
+    mix = default_mix(tasks) if mix is None else mix
     rng = random.Random(seed)
-    families = dict(FAMILIES)
+    families = task_families(tasks)
     if plain_pairs:
-        families["plain"] = FAMILIES["plain"] + (pairs_family(plain_pairs),)
+        families["plain"] = families["plain"] + (pairs_family(plain_pairs),)
     total = shape_counts(num_train + num_heldout, mix)
     held = shape_counts(num_heldout, mix)
     seen_keys: set[str] = set()
