@@ -184,8 +184,10 @@ def test_a_second_signal_aborts_at_once_and_the_last_complete_checkpoint_resumes
     rc, out = train(
         files, run_args(files, "abort"), signals=(signal.SIGTERM, signal.SIGINT), after=f"step {2 * EVERY + 1}/"
     )
-    assert rc == 128 + signal.SIGINT, out
-    assert "second signal (SIGINT): aborting now" in out and "stopped by" not in out
+    # both are pending at once when the child gets to run: Python may handle them in either order
+    second = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
+    assert rc in second, out
+    assert f"second signal ({second[rc]}): aborting now" in out and "stopped by" not in out
     saved = checkpoints(files, "abort")
     assert saved and saved[-1] % EVERY == 0 and saved[-1] >= EVERY  # periodic saves only; nothing half-written counts
     logged_before = [r["step"] for r in metrics(files, "abort")]
