@@ -85,8 +85,9 @@ def load_annotation_tokenizer(path: str) -> Any:
 def _say_retry(err: Any, seconds: float, failures: int) -> None:
     """One line on stderr per transport failure: what failed and how long the run waits."""
     detail = " ".join(str(err).split())[:160]
-    print(f"pdjax.annotate: {detail}; retrying in {seconds:.2f} s ({failures} failure(s) in a row)",
-          file=sys.stderr, flush=True)  # fmt: skip
+    # one write per line: workers fail concurrently, and print() writes the text and its newline separately
+    sys.stderr.write(f"pdjax.annotate: {detail}; retrying in {seconds:.2f} s ({failures} failure(s) in a row)\n")
+    sys.stderr.flush()
 
 
 @cli_main("pdjax.annotate")
