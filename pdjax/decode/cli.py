@@ -196,8 +196,13 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
     from pdjax.model.tokenizer import control_ids, load_tokenizer
     from pdjax.structure import MissingControlTokens
 
+    from pdjax.model.checkpoint import check_model_folder
+
+    check_model_folder(path)  # an orbax checkpoint, no config.json, no weights: said in one line
     try:
         tokenizer = load_tokenizer(path)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot load a tokenizer from {path}: {e}") from None
     try:
