@@ -336,7 +336,7 @@ class _Program:
         return Window(tokens, segments, valid, span, length, jnp.maximum(ar_index, 0))
 
     def _call(self, params: Any, window: Window, cache: Any, keys: jax.Array, denoising: jax.Array,
-              sampling: SamplingParams, *, width: int):
+              sampling: SamplingParams, *, width: int, compact: bool = False):
         """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits.
 
         A batch of one calls with at least two columns (the second one scratch): a one-token call
@@ -358,6 +358,23 @@ class _Program:
 
         def draw(pred: jax.Array) -> Sample:
             return sample(position_keys, pred, sampling)
+
+        if compact and width >= 8:
+            # only masked positions are read (`_denoise`): sample the first `size` of them, masked first
+            masked = cut(window.valid & (window.tokens == self.s.ids.mask))
+            order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)
+            sizes = sorted({width // 4, width // 2, width})
+            rows = jnp.arange(masked.shape[0])[:, None]
+
+            def draw_first(size: int, pred: jax.Array) -> Sample:
+                at = order[:, :size]
+                part = sample(jnp.take_along_axis(position_keys, at, axis=1),
+                              jnp.take_along_axis(pred, at[..., None], axis=1), sampling)
+                return jax.tree.map(lambda a: jnp.zeros(pred.shape[:2], a.dtype).at[rows, at].set(a), part)
+
+            need = jnp.max(jnp.sum(masked, axis=1))
+            branches = [functools.partial(draw_first, size) for size in sizes]
+            draw = lambda pred: jax.lax.switch(_bucket_index(tuple(sizes), need), branches, pred)  # noqa: E731
 
         def skip(pred: jax.Array) -> Sample:
             zeros = jnp.zeros(pred.shape[:2], jnp.float32)
@@ -513,7 +530,7 @@ class _Program:
         )
         return state._replace(rows=state.rows._replace(n=n))
 
-    def step(self, state: State, params: Any, knobs: Knobs) -> State:
+    def step(self, state: State, params: Any, knobs: Knobs, compact: bool = False) -> State:
         """One batched model call serving every unfinished example, then each example's transition."""
         c = self.s.config
         rows = state.rows
@@ -521,7 +538,7 @@ class _Program:
         window = self._window(rows, knobs)
         denoising = jnp.any(phase == DENOISE)
         windows = c.windows
-        branches = [functools.partial(self._call, width=w) for w in windows]
+        branches = [functools.partial(self._call, width=w, compact=compact) for w in windows]
         need = jnp.max(jnp.where(phase != DONE, window.length, 0))
         cache, ar_logits, drawn = jax.lax.switch(
             _bucket_index(windows, need), branches, params, window, state.cache, self._row_keys(rows, knobs), denoising,
@@ -581,8 +598,48 @@ class _Program:
         state = State(rows, s.make_cache(s.config.batch_size, s.length), jnp.int32(0), jnp.zeros((4,), jnp.int32))
         return self._mark(state, jnp.zeros((4,), bool))
 
+    def split_step(self, state: State, params: Any, knobs: Knobs) -> State:
+        """`step` with every row's call at its own width: wide rows alone, the plan steps of all rows together.
+
+        Rows that prefill, denoise or commit each make a batch-1 call at their own bucket (the
+        `Decoder`'s call for a lone request); the rows that take a plan step then share one
+        width-1 call. One `step` pads every row to the widest window, which on a compute-bound
+        device costs more than the shared call saves. Each row still advances exactly one step.
+        """
+        rows = state.rows
+        b = rows.phase.shape[0]
+        axes = _cache_batch_axes(self.s.make_cache, self.s.length)
+        wide = (rows.phase != DONE) & (rows.phase != PLAN)
+
+        def take(tree: Any, i: jax.Array, tree_axes: Any = None) -> Any:
+            if tree_axes is None:
+                return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, 0), tree)
+            return jax.tree.map(lambda x, a: x if a is None else jax.lax.dynamic_slice_in_dim(x, i, 1, a),
+                                tree, tree_axes)
+
+        def put(tree: Any, part: Any, i: jax.Array, tree_axes: Any = None) -> Any:
+            if tree_axes is None:
+                return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, i, 0), tree, part)
+            return jax.tree.map(lambda x, y, a: y if a is None else jax.lax.dynamic_update_slice_in_dim(x, y, i, a),
+                                tree, part, tree_axes)
+
+        def alone(i: jax.Array, st: State) -> State:
+            def one(st: State) -> State:
+                sub = State(take(st.rows, i), take(st.cache, i, axes), st.iteration, st.batch_calls)
+                sub = self.step(sub, params, take(knobs, i), compact=True)
+                return st._replace(rows=put(st.rows, sub.rows, i), cache=put(st.cache, sub.cache, i, axes),
+                                   batch_calls=sub.batch_calls)
+
+            return jax.lax.cond(wide[i], one, lambda s: s, st)
+
+        state = jax.lax.fori_loop(0, b, alone, state)
+        stepped = state.rows
+        narrow = state._replace(rows=rows._replace(phase=jnp.where(wide, DONE, rows.phase)))
+        narrow = _cond(jnp.any(rows.phase == PLAN), lambda st: self.step(st, params, knobs), narrow)
+        return narrow._replace(rows=_select_rows(wide, stepped, narrow.rows), iteration=state.iteration + 1)
+
     def chunk(self, state: State, params: Any, knobs: Knobs, iterations: jax.Array | int,
-              until_finish: jax.Array | bool = False) -> State:
+              until_finish: jax.Array | bool = False, split: bool = False) -> State:
         """At most `iterations` loop iterations; fewer once every example is done, or (`until_finish`)
         as soon as one more example is done, so that a host can refill its row."""
         done_before = jnp.sum(state.rows.phase == DONE)
@@ -592,7 +649,8 @@ class _Program:
             done = jnp.sum(st.rows.phase == DONE)
             return (done < st.rows.phase.shape[0]) & (i < iterations) & ~(until_finish & (done > done_before))
 
-        state, _ = jax.lax.while_loop(more, lambda c: (self.step(c[0], params, knobs), c[1] + 1), (state, jnp.int32(0)))
+        step = self.split_step if split else self.step
+        state, _ = jax.lax.while_loop(more, lambda c: (step(c[0], params, knobs), c[1] + 1), (state, jnp.int32(0)))
         return state
 
     def run(self, params: Any, prompt_tokens: jax.Array, prompt_len: jax.Array, knobs: Knobs) -> Output:
@@ -631,7 +689,7 @@ class _Program:
               knobs: Knobs, iterations: jax.Array, until_finish: jax.Array) -> tuple[State, "SlotView"]:
         """One device call of a serving engine: refill the admitted rows, run a chunk, and return what the host reads."""
         state = self.chunk(self.refill(state, admit, prompt_tokens, prompt_len, knobs), params, knobs, iterations,
-                           until_finish)
+                           until_finish, split=self.s.config.batch_size > 1)
         r = state.rows
         # what is final: everything written, except a group still being denoised (its masks)
         final = jnp.where(r.phase == DENOISE, jnp.maximum(r.group_start, r.prompt_len), r.n)
@@ -683,7 +741,10 @@ class Slots:
     This is continuous batching (JetStream's decode slots): a request does not wait for
     the batch to finish. Each `advance` is one device call and one host sync: rows the
     host admits start their prefill inside that call's chunk, and the chunk runs at
-    most `iterations` iterations. One compiled program serves every prompt length,
+    most `iterations` iterations. With more than one slot an iteration is
+    `_Program.split_step`: a row that prefills, denoises or commits makes its own
+    batch-1 call at its own width (sampling only its masked positions), and the plan
+    steps of all rows share one width-1 call, so no row is padded to a neighbour's window. One compiled program serves every prompt length,
     knob value and chunk length (`compiled_programs` counts them). A row's answer is
     the `Decoder`'s for the same prompt and options: its randomness comes from its own
     seed and call count, never from its neighbours or the chunking.
