@@ -561,8 +561,11 @@ class _Program:
             rows = _select_rows(phase == COMMIT, next_round, rows)
         new = rows
         if c.mode != "diffusion":
-            token = self._ar_sample(ar_logits, rows, knobs)
-            new = _select_rows(ar_rows, self._accept(rows, token, knobs), new)
+            def ar_step(rows: Rows) -> Rows:
+                return _select_rows(ar_rows, self._accept(rows, self._ar_sample(ar_logits, rows, knobs), knobs), rows)
+
+            # a serving row's own call that takes no AR step (denoising) skips the AR sampling and layout
+            new = _cond(jnp.any(ar_rows), ar_step, rows) if compact else ar_step(rows)
         if c.mode != "ar":
             denoised = _cond(denoising, lambda r: self._denoise(r, window, drawn, knobs), rows)
             new = _select_rows(phase == DENOISE, denoised, new)
