@@ -278,7 +278,8 @@ def test_engine_answers_equal_the_decoder_with_one_program(engine, cli_build):
     single = cli_build[0]
     prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:6]]
     for options in (DecodeOptions(temperature=0.0), DecodeOptions(temperature=1.0, top_p=None, seed=3, dense=True),
-                    DecodeOptions(temperature=0.5, steps_ratio=0.5, alg="topk_margin", seed=9, max_new_tokens=50)):
+                    DecodeOptions(temperature=0.5, steps_ratio=0.5, alg="topk_margin", seed=9, max_new_tokens=50),
+                    DecodeOptions(temperature=0.3, confidence_threshold=0.6, seed=5)):
         got = eng.generate(prompts, options)
         want = single.generate(prompts, options)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
@@ -387,3 +388,25 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(server, greedy):
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=5).close()
     assert any("stopped" in line for line in server.lines)
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+def test_engine_answers_equal_the_decoder_in_ar_and_diffusion_modes(mode):
+    """The split serving iteration (own calls for prefill / denoising rows, shared plan steps) in the other modes."""
+    from pdjax.decode import DecodeConfig, DecodeOptions, Decoder
+    from pdjax.model.tokenizer import chat_prompt_ids
+    from pdjax.serve import Engine
+
+    args = decode_cli.build_parser().parse_args(["--prompt", "x", "--mode", mode, "--max_length", "96"])
+    single, tokenizer, ids = decode_cli.build(args, str(DEFAULT_MODEL.parent / mode))
+    decoder = Decoder(single.forward, eos_id=single.eos_id, ids=ids,
+                      config=DecodeConfig(mode=mode, max_length=96, batch_size=3))
+    eng = Engine(decoder, chunk=3)
+    prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:4]]
+    for options in (DecodeOptions(temperature=0.0, max_new_tokens=20),
+                    DecodeOptions(temperature=0.7, seed=4, steps_ratio=0.5, max_new_tokens=16)):
+        got = eng.generate(prompts, options)
+        want = single.generate(prompts, options)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
+    assert eng.slots.compiled_programs() == 1
