@@ -193,10 +193,9 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
     from pdjax.decode.api import Decoder
     from pdjax.decode.decoder import DecodeConfig
     from pdjax.model import load_pretrained
+    from pdjax.model.checkpoint import check_model_folder
     from pdjax.model.tokenizer import control_ids, load_tokenizer
     from pdjax.structure import MissingControlTokens
-
-    from pdjax.model.checkpoint import check_model_folder
 
     check_model_folder(path)  # an orbax checkpoint, no config.json, no weights: said in one line
     try:
