@@ -214,7 +214,7 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
     try:
         model = load_pretrained(path)
         if args.max_length is None:  # the positions the model was trained for, as the released decoder's 2048 at most
-            args.max_length = min(DEFAULT_MAX_LENGTH, int(model.config.max_position_embeddings))
+            args.max_length = default_max_length(model.config)
         config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
                               max_spans=args.max_spans, buckets=buckets, profile=args.profile)
         decoder = Decoder.from_model(model, eos_id=eos_id(tokenizer), ids=ids, config=config)
@@ -334,7 +334,7 @@ def _run(args: argparse.Namespace, status: Status) -> int:
               f"malformed answers (drop --model to use the shipped {args.mode} model)", file=sys.stderr)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None and args.mode == "diffusion":  # never "the rest of max_length" masks
-        max_new_tokens = info.max_new_tokens or DEFAULT_DIFFUSION_MASKS
+        max_new_tokens = info.diffusion_masks
     try:
         options = DecodeOptions(
             steps_ratio=args.steps_ratio, confidence_threshold=args.confidence_threshold,
@@ -359,17 +359,29 @@ def _run(args: argparse.Namespace, status: Status) -> int:
     except (DecodeInputError, ValueError) as e:
         raise UserError(str(e)) from None
     status.close()
+    texts = [tokenizer.decode(answer_ids(decoder, r.prompt_ids, r.token_ids, ids), skip_special_tokens=True)
+             for r in results]
+    print_results(args, tokenizer, prompts, results, texts, ids)
+    return 0
+
+
+def print_results(args: argparse.Namespace, tokenizer: Any, prompts: Sequence[str], results: Sequence[Any],
+                  texts: Sequence[str], ids: Any) -> None:
+    """One JSON line per prompt (``--json``), else the terminal view; shared by every decoding mode."""
     console = None
     if not args.json:
         from rich.console import Console
 
         console = Console()
-    for prompt, result in zip(prompts, results):
-        text = tokenizer.decode(answer_ids(decoder, result.prompt_ids, result.token_ids, ids), skip_special_tokens=True)
+    for prompt, result, text in zip(prompts, results, texts):
         if args.json:
             record = {"prompt": prompt, "mode": args.mode, "text": text, "token_ids": result.token_ids,
                       "finish_reason": result.stats.finish_reason, "stats": result.stats.to_dict()}
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
             render(console, tokenizer, prompt, result, ids, text, args.mode)
-    return 0
+
+
+def default_max_length(model_config: Any) -> int:
+    """--max_length when not given: the positions the model was trained for, at most the released decoder's 2048."""
+    return min(DEFAULT_MAX_LENGTH, int(model_config.max_position_embeddings))

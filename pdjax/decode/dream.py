@@ -336,17 +336,15 @@ def answer_text(tokenizer: Any, token_ids: Sequence[int], eos_ids: Sequence[int]
 
 def run_decode_cli(args: Any) -> int:
     """`python -m pdjax.decode --mode dream`: the decode CLI's flags, Dream's sampler, its output formats."""
-    import json
-
-    from pdjax.decode.cli import DEFAULT_MAX_LENGTH, UserError, read_prompts, render, resolve_model
-    from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
+    from pdjax.decode.cli import UserError, default_max_length, print_results, read_prompts, resolve_model
+    from pdjax.decode.model_info import read_model_info
     from pdjax.model import load_pretrained
     from pdjax.model.tokenizer import chat_prompt_ids, load_tokenizer, special_ids
 
     prompts = read_prompts(args)
     path = resolve_model(args.model, "diffusion")  # no --model: the shipped diffusion-only model
     info = read_model_info(path)
-    max_new_tokens = args.max_new_tokens or info.max_new_tokens or DEFAULT_DIFFUSION_MASKS
+    max_new_tokens = args.max_new_tokens or info.diffusion_masks
     try:
         options = DreamOptions(steps_ratio=args.steps_ratio, alg=args.alg, alg_temp=args.alg_temp,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -354,7 +352,7 @@ def run_decode_cli(args: Any) -> int:
         tokenizer = load_tokenizer(path)
         special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer
         model = load_pretrained(path)
-        max_length = args.max_length or min(DEFAULT_MAX_LENGTH, int(model.config.max_position_embeddings))
+        max_length = args.max_length or default_max_length(model.config)
         config = DreamSamplerConfig(max_length=max_length, batch_size=args.batch_size,
                                     buckets=tuple(args.buckets or ()))
         decoder = dream_decoder(model_forward(model), tokenizer, config, special=special)
@@ -362,19 +360,8 @@ def run_decode_cli(args: Any) -> int:
         results = decoder.generate(prompt_ids, options)
     except (OSError, ValueError) as e:  # missing files, bad checkpoints or ids, knobs, prompts too long
         raise UserError(str(e)) from None
-    console = None
-    if not args.json:
-        from rich.console import Console
-
-        console = Console()
-    for prompt, result in zip(prompts, results):
-        text = answer_text(tokenizer, result.token_ids, decoder.eos_ids)
-        if args.json:
-            record = {"prompt": prompt, "mode": "dream", "text": text, "token_ids": result.token_ids,
-                      "finish_reason": result.stats.finish_reason, "stats": result.stats.to_dict()}
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-        else:
-            render(console, tokenizer, prompt, result, None, text, "dream")
+    texts = [answer_text(tokenizer, r.token_ids, decoder.eos_ids) for r in results]
+    print_results(args, tokenizer, prompts, results, texts, None)
     return 0
 
 

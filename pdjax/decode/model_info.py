@@ -29,6 +29,11 @@ class ModelInfo:
     mode: str | None = None
     max_new_tokens: int | None = None
 
+    @property
+    def diffusion_masks(self) -> int:
+        """Masks a diffusion sampler decodes when the user names none: the model's own count, else the default."""
+        return self.max_new_tokens or DEFAULT_DIFFUSION_MASKS
+
 
 def default_model_path(mode: str) -> str:
     """The shipped default model of `mode` (pdjax/assets/default_model/{pd,ar,diffusion})."""

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from pdjax import compile_cache
 from pdjax.cli_errors import cli_main
-from pdjax.decode.cli import _buckets
+from pdjax.decode.cli import NON_NEGATIVE_INT, POSITIVE_INT, _buckets, _number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,22 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd", help="decoding mode (default: pd)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--batch_size", type=int, default=8, help="decode slots: requests decoded together (default: 8)")
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="decode slots: requests decoded together (default: 8)")
+    p.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=None,
                    help="prompt + response tokens per request, as in pdjax.decode (default: the model's "
                    "max_position_embeddings, at most 2048)")
-    p.add_argument("--max_queue", type=int, default=1024,
+    p.add_argument("--max_queue", type=NON_NEGATIVE_INT, default=1024,
                    help="requests that may wait for a slot; more are answered 429 (default: 1024)")
-    p.add_argument("--chunk", type=int, default=16,
+    p.add_argument("--chunk", type=POSITIVE_INT, default=16,
                    help="decoding loop iterations per device call: the host refills slots and streams text between "
                    "chunks (default: 16)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous: a finished request's slot is refilled between chunks; static: new requests wait "
                    "until the whole batch has finished (a baseline for benchmarks) (default: continuous)")
-    p.add_argument("--max_spans", type=int, default=16, help="most promises per plan round (default: 16)")
+    p.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="most promises per plan round (default: 16)")
     p.add_argument("--buckets", type=_buckets, default=None,
                    help="comma-separated static call widths (default: powers of two)")
-    p.add_argument("--drain_timeout", type=float, default=30.0,
+    p.add_argument("--drain_timeout", type=_number(float, 0.0, what=">= 0"), default=30.0,
                    help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")
     p.add_argument("--compilation_cache", default=None,
                    help="a folder for JAX's persistent compilation cache: restarts skip the compile (default: pdjax's "
@@ -71,15 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pdjax.decode.cli import UserError, build, resolve_model
 
-    if args.batch_size < 1 or args.max_queue < 0 or args.chunk < 1 or args.drain_timeout < 0:
-        raise UserError("--batch_size and --chunk must be >= 1, --max_queue and --drain_timeout >= 0")
-    if args.compilation_cache:
+    if args.compilation_cache:  # another folder than pdjax's default, shared with decode, train and eval
         import jax
 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    else:  # pdjax's default folder, shared with decode, train and eval
-        compile_cache.enable(disabled=args.no_compilation_cache)
+    compile_cache.enable(disabled=args.no_compilation_cache)
     import uvicorn
 
     from pdjax.serve.app import create_app
