@@ -42,7 +42,7 @@ from pdjax.synthetic.facts import (
 )
 from pdjax.synthetic.tasks import CHAT, GREETINGS, ORDINALS, Example, Shape, Unit, _listing, _spaced
 
-PAPER_MIX: dict[str, float] = {"one_round": 0.5, "multi_round": 0.35, "plain": 0.15}
+PAPER_MIX: dict[str, float] = {"one_round": 0.7, "multi_round": 0.24, "plain": 0.06}
 
 # ----------------------------------------------------------------------------- subject profiles
 
@@ -75,10 +75,6 @@ def _day_facts(d: str) -> list[Fact]:
     """The day before, the day after, and the day after that (a chain, each fact checkable on its own)."""
     after = calendar_fact("next_day", d)
     return [calendar_fact("previous_day", d), after, calendar_fact("next_day", after.value)]
-
-
-def _pair_facts(table: dict[str, int], a: str, b: str) -> list[Fact]:
-    return [price_fact("price", table, a), price_fact("price", table, b), price_fact("costlier", table, a, b)]
 
 
 def _text(facts: Sequence[Fact], conclude: bool = False) -> str:
@@ -126,69 +122,156 @@ def _asks(rng: random.Random, groups: dict, low: int, high: int, required: Seque
 
 # ----------------------------------------------------------------------------- one round
 
+# Subjects per planned round: 3 or 4 (the issue's 2-4 promises per round; 2-span rounds cannot pay for
+# their promises at steps_ratio 1.0, see docs/default_model_v2.md).
+def _count(rng: random.Random) -> int:
+    return 3 if rng.random() < 0.35 else 4
+
+
+def _others(count: int, i: int) -> tuple[int, int]:
+    """The two subjects a span about subject i is compared with: the next two, cyclically."""
+    return (i + 1) % count, (i + 2) % count
+
+
+def _distinct(values: Sequence[object]) -> bool:
+    return len(set(values)) == len(values)
+
+
 NUMBERS_PROMPTS = (
-    "For each of the numbers {xs}, give {asks}.",
-    "Tell me about each of the numbers {xs}: {asks}.",
-    "Describe each of {xs}: {asks}.",
+    "For each of the numbers {xs}, give its neighbours, its parity and its digits, and compare it with the next number listed.",
+    "Tell me about each of the numbers {xs}: the numbers before and after it, whether it is even or odd, its tens and ones digits, and how it compares with the next one in the list.",
+    "Describe each of {xs}: neighbours, parity, digits, and a comparison with the number listed after it.",
 )
 
 
-def numbers(
-    rng: random.Random, count: int | None = None, required: Sequence[str] = ()
-) -> tuple[list[int], list[str], str]:
-    ns = rng.sample(range(10, 100), count or rng.randint(2, 4))
-    groups, asks = _asks(rng, NUMBER_GROUPS, 2, 3, required)
-    return ns, groups, rng.choice(NUMBERS_PROMPTS).format(xs=_listing([str(n) for n in ns]), asks=asks)
+def numbers(rng: random.Random, count: int | None = None) -> tuple[list[int], str]:
+    ns = rng.sample(range(10, 100), count or _count(rng))
+    return ns, rng.choice(NUMBERS_PROMPTS).format(xs=_listing([str(n) for n in ns]))
+
+
+def _number_profile(ns: Sequence[int], i: int) -> list[Fact]:
+    """Neighbours, parity and digits of ns[i], then how it compares with the next number listed (6 facts)."""
+    n = ns[i]
+    kinds = ("previous", "next", "parity", "tens", "ones")
+    return [number_fact(k, n) for k in kinds] + [number_fact("compare", n, ns[(i + 1) % len(ns)])]
 
 
 def number_profiles(rng: random.Random) -> Example:
-    ns, groups, prompt = numbers(rng)
+    ns, prompt = numbers(rng)
     # Numbers cannot stand in a topic (its first digits are the length), so spans are named by order ("first", ...).
-    facts = [_number_facts(n, groups) for n in ns]
+    facts = [_number_profile(ns, i) for i in range(len(ns))]
     rnd = _round([ORDINALS[i] for i in range(len(ns))], facts)
     return _example(prompt, "one_round", "number_profiles", f"numbers|{','.join(map(str, sorted(ns)))}", [rnd], facts)
 
 
 WORDS_PROMPTS = (
-    "For each of the words {xs}, give its first letter, its last letter and how many letters it has.",
-    "Spell out the words {xs}: first letter, last letter and length of each.",
-    "Tell me about the words {xs}: their first and last letters and their lengths.",
+    "For each of the words {xs}, give its first letter, its last letter and its length, and compare its length with each of the others.",
+    "Spell out the words {xs}: first letter, last letter and length of each, and whether it is longer or shorter than each of the others.",
 )
 
 
+def _words(rng: random.Random, count: int) -> list[str]:
+    """`count` words of different lengths (every comparison has a winner)."""
+    for _ in range(1000):
+        ws = rng.sample(WORDS, count)
+        if _distinct([len(w) for w in ws]):
+            return ws
+    raise RuntimeError("no words of distinct lengths drawn")  # pragma: no cover
+
+
+def _word_profile(ws: Sequence[str], i: int) -> list[Fact]:
+    """First and last letter and length of ws[i], then its length against each other word, in list order (5-6 facts)."""
+    w = ws[i]
+    own = [word_fact(k, w) for k in ("first_letter", "last_letter", "letter_count")]
+    return own + [word_fact("longer", w, ws[(i + j) % len(ws)]) for j in range(1, len(ws))]
+
+
 def word_profiles(rng: random.Random) -> Example:
-    ws = rng.sample(WORDS, rng.randint(2, 4))
+    ws = _words(rng, _count(rng))
     prompt = rng.choice(WORDS_PROMPTS).format(xs=_listing(ws))
-    facts = [_word_facts(w) for w in ws]
+    facts = [_word_profile(ws, i) for i in range(len(ws))]
     return _example(prompt, "one_round", "word_profiles", f"words|{','.join(sorted(ws))}", [_round(ws, facts)], facts)
 
 
 MONTHS_PROMPTS = ("For each of {xs}, give {asks}.", "Tell me about the months {xs}: {asks}.")
+# What a month's profile states, in the order the prompt asks for it (so a span's text varies with the prompt).
+MONTH_ASKS = {
+    "neighbours": ("the months before and after it", "its neighbouring months"),
+    "number": ("its number in the year", "which month of the year it is"),
+    "days": ("how many days it has", "its number of days"),
+    "next_days": ("how many days the month after it has", "the days of the following month"),
+}
+
+
+def _month_asks(rng: random.Random) -> tuple[list[str], str]:
+    """All four parts of a month profile in a random order, and the prompt's wording of them."""
+    order = rng.sample(list(MONTH_ASKS), len(MONTH_ASKS))
+    return order, _listing([rng.choice(MONTH_ASKS[g]) for g in order])
+
+
+def _month_profile(mo: str, order: Sequence[str]) -> list[Fact]:
+    """Neighbours, number and days of a month and the days of the month after it (5 facts), in `order`."""
+    after = calendar_fact("next_month", mo)
+    parts = {
+        "neighbours": [calendar_fact("previous_month", mo), after],
+        "number": [calendar_fact("month_number", mo)],
+        "days": [calendar_fact("month_days", mo)],
+        "next_days": [calendar_fact("month_days", after.value)],
+    }
+    return [f for g in order for f in parts[g]]
 
 
 def month_profiles(rng: random.Random) -> Example:
-    mos = rng.sample(MONTHS, rng.randint(2, 4))
-    groups, asks = _asks(rng, MONTH_GROUPS, 2, 3, required=("neighbours",))
+    mos = rng.sample(MONTHS, _count(rng))
+    order, asks = _month_asks(rng)
     prompt = rng.choice(MONTHS_PROMPTS).format(xs=_listing(mos), asks=asks)
-    facts = [_month_facts(mo, groups) for mo in mos]
+    facts = [_month_profile(mo, order) for mo in mos]
     key = f"months|{','.join(sorted(mos))}"
     return _example(prompt, "one_round", "month_profiles", key, [_round(mos, facts)], facts)
 
 
 DAYS_PROMPTS = (
-    "For each of {xs}, give the day before it and the two days after it.",
-    "Which days come around {xs}? Give the day before each and the two days after it.",
+    "For each of {xs}, give {asks}.",
+    "Which days come around {xs}? Give {asks}.",
 )
+_COUNTS = {2: "two", 3: "three"}
+
+
+def _day_asks(rng: random.Random) -> tuple[tuple[int, int, bool], str]:
+    """How many days back and forward (2+3 or 3+2), which comes first, and the prompt's wording."""
+    back, forward = rng.choice(((2, 3), (3, 2)))
+    back_first = rng.random() < 0.5
+    parts = [f"the {_COUNTS[back]} days before it", f"the {_COUNTS[forward]} days after it"]
+    return (back, forward, back_first), " and ".join(parts if back_first else parts[::-1])
+
+
+def _day_profile(d: str, how: tuple[int, int, bool]) -> list[Fact]:
+    """A chain of 5 facts walking back and forward from d (each checkable on its own)."""
+    back, forward, back_first = how
+
+    def walk(kind: str, steps: int) -> list[Fact]:
+        chain, day = [], d
+        for _ in range(steps):
+            chain.append(calendar_fact(kind, day))
+            day = chain[-1].value
+        return chain
+
+    before, after = walk("previous_day", back), walk("next_day", forward)
+    return before + after if back_first else after + before
 
 
 def day_profiles(rng: random.Random) -> Example:
-    ds = rng.sample(DAYS, rng.randint(2, 3))
-    prompt = rng.choice(DAYS_PROMPTS).format(xs=_listing(ds))
-    facts = [_day_facts(d) for d in ds]
+    ds = rng.sample(DAYS, _count(rng))
+    how, asks = _day_asks(rng)
+    prompt = rng.choice(DAYS_PROMPTS).format(xs=_listing(ds), asks=asks)
+    facts = [_day_profile(d, how) for d in ds]
     return _example(prompt, "one_round", "day_profiles", f"days|{','.join(sorted(ds))}", [_round(ds, facts)], facts)
 
 
-PRICE_PROMPTS = ("Prices: {table}. Compare {pairs}.", "Here is a price list: {table}. Compare {pairs}.")
+PRICE_PROMPTS = (
+    "Prices: {table}. For each of {xs}, give its price and compare it with the next two of them.",
+    "Here is a price list: {table}. For each of {xs}, say what it costs and whether it costs more or less than the next two of them.",
+)
 
 
 def _price_table(rng: random.Random, items: int) -> dict[str, int]:
@@ -200,58 +283,57 @@ def _table_text(table: dict[str, int]) -> str:
     return ", ".join(f"{item} {price}" for item, price in table.items())
 
 
-def _pairs_text(pairs: Sequence[tuple[str, str]]) -> str:
-    return _listing([f"the {a} with the {b}" for a, b in pairs])
+def _price_profile(table: dict[str, int], names: Sequence[str], i: int) -> list[Fact]:
+    """The price of names[i], then each of the next two items' prices and how names[i] compares with it (5 facts)."""
+    a = names[i]
+    facts = [price_fact("price", table, a)]
+    for j in _others(len(names), i):
+        facts += [price_fact("price", table, names[j]), price_fact("costlier", table, a, names[j])]
+    return facts
 
 
-def _pairs_key(table: dict[str, int], pairs: Sequence[tuple[str, str]]) -> str:
-    return ",".join(sorted("+".join(sorted((f"{a}={table[a]}", f"{b}={table[b]}"))) for a, b in pairs))
-
-
-def price_pairs(rng: random.Random) -> Example:
-    count = rng.randint(2, 4)
-    table = _price_table(rng, rng.randint(2 * count, min(len(ITEMS), 2 * count + 2)))
-    names = rng.sample(list(table), 2 * count)
-    pairs = [(names[2 * i], names[2 * i + 1]) for i in range(count)]
-    prompt = rng.choice(PRICE_PROMPTS).format(table=_table_text(table), pairs=_pairs_text(pairs))
-    facts = [_pair_facts(table, a, b) for a, b in pairs]
-    rnd = _round([a for a, _ in pairs], facts)  # an item is in one pair only: it names the pair
-    return _example(prompt, "one_round", "price_pairs", f"prices|{_pairs_key(table, pairs)}", [rnd], facts)
+def price_profiles(rng: random.Random) -> Example:
+    count = _count(rng)
+    table = _price_table(rng, rng.randint(count + 1, min(len(ITEMS), count + 4)))
+    names = rng.sample(list(table), count)
+    prompt = rng.choice(PRICE_PROMPTS).format(table=_table_text(table), xs=_listing([f"the {a}" for a in names]))
+    facts = [_price_profile(table, names, i) for i in range(count)]
+    key = "prices|" + ",".join(sorted(f"{a}={table[a]}" for a in names))
+    return _example(prompt, "one_round", "price_profiles", key, [_round(names, facts)], facts)
 
 
 MIXED_PROMPTS = ("Tell me about {xs}.", "Describe {xs}.", "What can you say about {xs}?")
-MIXED_KINDS = ("number", "word", "month", "day")
+MIXED_KINDS = ("number", "month", "day")  # a word's own profile is half as long: it would pad its round
 
 
 def mixed_profiles(rng: random.Random) -> Example:
     """Subjects of different kinds in one prompt, each with its full profile (the prompt names only the subjects)."""
-    kinds = rng.sample(MIXED_KINDS, rng.randint(2, 4))
-    rng.shuffle(kinds)
+    kinds = rng.sample(MIXED_KINDS, len(MIXED_KINDS))
     named, topics, facts, key = [], [], [], []
     for kind in kinds:
         if kind == "number":
             n = rng.randint(10, 99)
             named.append(f"the number {n}")
             topics.append("number")
-            facts.append(_number_facts(n, ("neighbours", "parity", "digits")))
+            facts.append(_number_profile([n, rng.choice([m for m in range(10, 100) if m != n])], 0)[:5])
             key.append(str(n))
         elif kind == "word":
             w = rng.choice(WORDS)
             named.append(f"the word {w}")
             topics.append(w)
-            facts.append(_word_facts(w))
+            facts.append([word_fact(k, w) for k in ("first_letter", "last_letter", "letter_count")])
             key.append(w)
         elif kind == "month":
             mo = rng.choice(MONTHS)
             named.append(mo)
             topics.append(mo)
-            facts.append(_month_facts(mo, ("number", "days", "neighbours")))
+            facts.append(_month_profile(mo, tuple(MONTH_ASKS)))
             key.append(mo)
         else:
             d = rng.choice(DAYS)
             named.append(d)
             topics.append(d)
-            facts.append(_day_facts(d))
+            facts.append(_day_profile(d, (2, 3, True)))
             key.append(d)
     prompt = rng.choice(MIXED_PROMPTS).format(xs=_listing(named))
     return _example(
@@ -262,77 +344,69 @@ def mixed_profiles(rng: random.Random) -> Example:
 # ----------------------------------------------------------------------------- two rounds
 
 
-def _comparison_pairs(count: int) -> list[tuple[int, int]]:
-    """Which round-1 subjects the 2 spans of round 2 compare: (1,2),(2,3) for three, (1,2),(3,4) for four."""
-    return [(0, 1), (1, 2)] if count == 3 else [(0, 1), (2, 3)]
+def _against_two(restate: Sequence[Fact], verdicts: Sequence[Fact]) -> tuple[list[Fact], str]:
+    """Round 2's span about subject i: its value, then each other value restated and the verdict as 'So ...'.
+
+    restate = [value(i), value(j), value(k)], verdicts = [i vs j, i vs k]: 5 facts, all values from round 1.
+    """
+    facts = [restate[0], restate[1], verdicts[0], restate[2], verdicts[1]]
+    text = " ".join(
+        [restate[0].sentence(), restate[1].sentence(), conclusion(verdicts[0]), restate[2].sentence(), conclusion(verdicts[1])]
+    )
+    return facts, text
+
+
+def _second_round(topics: Sequence[str], spans: Sequence[tuple[list[Fact], str]]) -> tuple[tuple[Unit, ...], list[list[Fact]]]:
+    return tuple(Unit(t, text) for t, (_, text) in zip(topics, spans, strict=True)), [fs for fs, _ in spans]
 
 
 def number_compare(rng: random.Random) -> Example:
-    """Round 1: profiles of 3-4 numbers; round 2: compare one derived value (next, previous, tens, ones) pairwise."""
-    for _ in range(100):
+    """Round 1: profiles of 3 numbers; round 2: each number's derived value (next, previous, tens, ones) against the next two."""
+    for _ in range(1000):
         kind = rng.choice(("next", "previous", "tens", "ones"))
-        group = "neighbours" if kind in ("next", "previous") else "digits"
-        ns, groups, prompt = numbers(rng, rng.randint(3, 4), required=(group,))
-        pairs = _comparison_pairs(len(ns))
+        ns, prompt = numbers(rng, 3)  # three: two rounds of four long spans would not fit 512 tokens
         values = [int(number_fact(kind, n).value) for n in ns]
-        if all(values[i] != values[j] for i, j in pairs):
+        if _distinct(values):
             break
-    else:  # pragma: no cover - 100 draws without a strict comparison is practically impossible
+    else:  # pragma: no cover - 1000 draws without distinct values is practically impossible
         raise RuntimeError("number_compare: no distinct values drawn")
-    what = {"next": "numbers after", "previous": "numbers before", "tens": "tens digits", "ones": "ones digits"}[kind]
-    prompt += f" Then compare the {what} " + "; ".join(f"{ns[i]} and {ns[j]}" for i, j in pairs) + "."
-    first = [_number_facts(n, groups) for n in ns]
-    second = [
-        [number_fact(kind, ns[i]), number_fact(kind, ns[j]), number_fact("compare", values[i], values[j])]
-        for i, j in pairs
-    ]
-    topics1 = [ORDINALS[i] for i in range(len(ns))]
-    topics2 = [ORDINALS[i] for i, _ in pairs]  # named by the first number compared
-    rounds = [_round(topics1, first), _round(topics2, second, conclude=True)]
+    what = {
+        "next": "the numbers after them",
+        "previous": "the numbers before them",
+        "tens": "their tens digits",
+        "ones": "their ones digits",
+    }[kind]
+    prompt += f" Then compare {what}, each with the next two."
+    first = [_number_profile(ns, i) for i in range(len(ns))]
+    spans = []
+    for i in range(len(ns)):
+        j, k = _others(len(ns), i)
+        restate = [number_fact(kind, ns[x]) for x in (i, j, k)]
+        spans.append(_against_two(restate, [number_fact("compare", values[i], values[x]) for x in (j, k)]))
+    topics = [ORDINALS[i] for i in range(len(ns))]
+    second_units, second = _second_round(topics, spans)
+    rounds = [_round(topics, first), second_units]
     key = f"numbers|{','.join(map(str, sorted(ns)))}"
     return _example(prompt, "multi_round", "number_compare", key, rounds, first + second)
 
 
-def word_compare(rng: random.Random) -> Example:
-    """Round 1: profiles of 3-4 words; round 2: which of two words is longer, from their letter counts."""
-    count = rng.randint(3, 4)
-    pairs = _comparison_pairs(count)
-    for _ in range(100):
-        ws = rng.sample(WORDS, count)
-        if all(len(ws[i]) != len(ws[j]) for i, j in pairs):
-            break
-    else:  # pragma: no cover
-        raise RuntimeError("word_compare: no words of distinct lengths drawn")
-    prompt = rng.choice(WORDS_PROMPTS).format(xs=_listing(ws))
-    prompt += " Then say which is longer: " + "; ".join(f"{ws[i]} or {ws[j]}" for i, j in pairs) + "."
-    first = [_word_facts(w) for w in ws]
-    second = [
-        [word_fact("letter_count", ws[i]), word_fact("letter_count", ws[j]), word_fact("longer", ws[i], ws[j])]
-        for i, j in pairs
-    ]
-    rounds = [_round(ws, first), _round([ws[i] for i, _ in pairs], second, conclude=True)]
-    return _example(prompt, "multi_round", "word_compare", f"words|{','.join(sorted(ws))}", rounds, first + second)
-
-
-def price_compare(rng: random.Random) -> Example:
-    """Round 1: 3-4 compared pairs of a price list; round 2: compare the pricier items of two pairs."""
-    count = rng.randint(3, 4)
-    table = _price_table(rng, rng.randint(2 * count, min(len(ITEMS), 2 * count + 2)))
-    names = rng.sample(list(table), 2 * count)
-    pairs = [(names[2 * k], names[2 * k + 1]) for k in range(count)]
-    winners = [a if table[a] > table[b] else b for a, b in pairs]
-    prompt = rng.choice(PRICE_PROMPTS).format(table=_table_text(table), pairs=_pairs_text(pairs))
-    later = _comparison_pairs(count)
-    prompt += (
-        " Then compare the pricier items: " + _listing([f"pair {i + 1} with pair {j + 1}" for i, j in later]) + "."
-    )
-    first = [_pair_facts(table, a, b) for a, b in pairs]
-    second = [_pair_facts(table, winners[i], winners[j]) for i, j in later]
-    topics1 = [a for a, _ in pairs]
-    topics2 = [winners[i] for i, _ in later]
-    rounds = [_round(topics1, first), _round(topics2, second, conclude=True)]
-    key = f"prices|{_pairs_key(table, pairs)}"
-    return _example(prompt, "multi_round", "price_compare", key, rounds, first + second)
+def month_compare(rng: random.Random) -> Example:
+    """Round 1: profiles of 3 months; round 2: each month's number in the year against the next two months'."""
+    mos = rng.sample(MONTHS, 3)  # three: two rounds of four long spans would not fit 512 tokens
+    order, asks = _month_asks(rng)
+    prompt = rng.choice(MONTHS_PROMPTS).format(xs=_listing(mos), asks=asks)
+    prompt += " Then compare their numbers in the year, each with the next two."
+    first = [_month_profile(mo, order) for mo in mos]
+    spans = []
+    for i in range(len(mos)):
+        j, k = _others(len(mos), i)
+        restate = [calendar_fact("month_number", mos[x]) for x in (i, j, k)]
+        n = [int(f.value) for f in restate]
+        spans.append(_against_two(restate, [number_fact("compare", n[0], n[1]), number_fact("compare", n[0], n[2])]))
+    second_units, second = _second_round(mos, spans)
+    rounds = [_round(mos, first), second_units]
+    key = f"months|{','.join(sorted(mos))}"
+    return _example(prompt, "multi_round", "month_compare", key, rounds, first + second)
 
 
 # ----------------------------------------------------------------------------- plain
@@ -347,7 +421,7 @@ SINGLE_PROMPTS = {
 
 def single_profile(rng: random.Random) -> Example:
     """One subject's profile, answered as plain text (no plan)."""
-    kind = rng.choice(MIXED_KINDS)
+    kind = rng.choice(("number", "word", "month", "day"))
     asks = ""
     if kind == "number":
         x = rng.randint(10, 99)
@@ -391,14 +465,7 @@ def chat(rng: random.Random) -> Example:
 
 Family = Callable[[random.Random], Example]
 PAPER_FAMILIES: dict[Shape, tuple[Family, ...]] = {
-    "one_round": (number_profiles, word_profiles, month_profiles, day_profiles, price_pairs, mixed_profiles),
-    "multi_round": (number_compare, word_compare, price_compare),
-    "plain": (
-        plain(number_profiles),
-        plain(word_profiles),
-        plain(price_pairs),
-        plain(mixed_profiles),
-        single_profile,
-        chat,
-    ),
+    "one_round": (number_profiles, word_profiles, month_profiles, day_profiles, price_profiles, mixed_profiles),
+    "multi_round": (number_compare, month_compare),
+    "plain": (plain(word_profiles), single_profile, chat),
 }
