@@ -187,9 +187,17 @@ def last_logged(cfg: dict) -> dict | None:
     return rows[-1] if rows else None
 
 
+def repo_path(path: str) -> str:
+    """`path` relative to the repository root when it lies inside it (as the README's commands name configs)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, root) if full.startswith(root + os.sep) else path
+
+
 def recipe_line(config_path: str, cfg: dict, label: str = "") -> str:
     """One model-card line: the command, steps of which loss, batch, seed, and the last logged step if logs exist."""
     data = cfg["data"]
+    config_path = repo_path(config_path)
     loss = LOSS.get(data["mode"], f"data mode {data['mode']}").format(fill=data.get("eos_fill_length"))
     line = (f"  - {label}`python -m pdjax.train --config {config_path}`: {cfg['steps']} steps of {loss} "
             f"(data mode `{data['mode']}`), batch {data['batch_size']} rows of {data['row_length']} tokens, "

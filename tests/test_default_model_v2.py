@@ -86,9 +86,9 @@ def test_compact_calls_and_heldout_programs_change_no_token(pd_model):
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     options = [GREEDY, DecodeOptions(temperature=0.0, top_p=None, confidence_threshold=0.9, steps_ratio=0.5,
                                      length_scale=20)]  # longer spans: windows past the smallest sub-bucket
-    plain = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=DecodeConfig("pd", max_length=160, batch_size=2))
-    tuned = decode_config("pd", max_length=160)  # small: two short compiles
-    assert tuned.compact and tuned.batch_size == 1 and tuned.windows == (1, 32, 48, 64, 96, 128, 160)
+    plain = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=DecodeConfig("pd", max_length=128, batch_size=2))
+    tuned = decode_config("pd", max_length=128)  # small: two short compiles
+    assert tuned.compact and tuned.batch_size == 1 and tuned.windows == (1, 32, 48, 64, 96, 128)
     compact = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=tuned)
     for o in options:
         want = [r.token_ids for r in plain.generate(prompts, o)]
