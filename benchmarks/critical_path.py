@@ -149,6 +149,34 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
             "seconds": result["seconds"], "s_per_prompt": result["s_per_prompt"]}
 
 
+def issue_targets(ar: dict[str, Any], pd_rows: Sequence[dict[str, Any]], points: float = 0.05) -> dict[str, Any]:
+    """Issue 14's reading of the table: AR / PD calls and the fact-accuracy gap at steps_ratio 1.0 (each τ), and
+    the largest AR / PD among the settings whose fact accuracy is within `points` of AR's."""
+    def gap(r: dict[str, Any]) -> float:
+        return (ar["fact_accuracy"] or 0.0) - (r["fact_accuracy"] or 0.0)
+
+    lines = []
+    at_one = [r for r in pd_rows if r["steps_ratio"] == 1.0]
+    for r in at_one:
+        g = gap(r)
+        side = f"{100 * g:.1f} points below AR" if g >= 0 else f"{-100 * g:.1f} points above AR"
+        lines.append(f"steps_ratio 1.0, τ {_tau(r['confidence_threshold'])}: AR / PD calls "
+                     f"{ar['calls'] / r['calls']:.2f}x, PD fact accuracy {side}")
+    close = [r for r in pd_rows if gap(r) <= points]
+    best = max(close, key=lambda r: ar["calls"] / r["calls"], default=None)
+    if best is None:
+        lines.append(f"no PD setting is within {100 * points:g} points of AR's fact accuracy")
+    else:
+        lines.append(f"largest AR / PD within {100 * points:g} points of AR's fact accuracy: "
+                     f"{ar['calls'] / best['calls']:.2f}x at steps_ratio {best['steps_ratio']:g}, "
+                     f"τ {_tau(best['confidence_threshold'])} ({100 * gap(best):.1f} points below AR)")
+    return {"lines": lines,
+            "best_within": None if best is None else {"steps_ratio": best["steps_ratio"],
+                                                      "confidence_threshold": best["confidence_threshold"],
+                                                      "ar_over_pd": ar["calls"] / best["calls"],
+                                                      "fact_gap": gap(best)}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and print the tables."""
     args = parser().parse_args(argv)
@@ -216,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{ar['calls'] / r['calls']:.2f}x", _pct(r["fact_accuracy"]), _pct(r["well_formed"]),
                       _pct(r["planned"]), f"{r['s_per_prompt']:.2f}")
     console.print(t)
+    targets = issue_targets(ar, pd_rows)
+    for line in targets["lines"]:
+        console.print(line)
     if per_call:
         c = Table(title=f"wall time per model call, batch 1, {args.per_call} prompts, steps_ratio 1.0 (profiled)")
         for col in ("model", "prefill", "plan / AR step", "denoising round", "commit"):
@@ -245,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(env)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"env": env, "ar": ar, "pd": pd_rows, "diffusion": diffusion, "per_call": per_call}, f, indent=2)
+            json.dump({"env": env, "ar": ar, "pd": pd_rows, "diffusion": diffusion, "per_call": per_call,
+                       "targets": targets}, f, indent=2)
     return 0
 
 

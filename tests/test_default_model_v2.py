@@ -133,6 +133,20 @@ def test_critical_path_flags():
             p.parse_args(bad)
 
 
+def test_critical_path_reads_the_issue_targets_off_the_table():
+    bench = _module("benchmarks/critical_path.py")
+    ar = {"calls": 120.0, "fact_accuracy": 0.80}
+    pd = [{"steps_ratio": 1.0, "confidence_threshold": None, "calls": 60.0, "fact_accuracy": 0.78},
+          {"steps_ratio": 0.5, "confidence_threshold": None, "calls": 40.0, "fact_accuracy": 0.76},
+          {"steps_ratio": 0.25, "confidence_threshold": None, "calls": 30.0, "fact_accuracy": 0.70}]
+    t = bench.issue_targets(ar, pd)
+    assert t["lines"][0] == "steps_ratio 1.0, τ off: AR / PD calls 2.00x, PD fact accuracy 2.0 points below AR"
+    best = t["best_within"]  # 0.25 is 10 points below: out; 0.5 (4 points below, 3.00x) is the largest within 5
+    assert best["steps_ratio"] == 0.5 and best["ar_over_pd"] == 3.0 and abs(best["fact_gap"] - 0.04) < 1e-12
+    assert "3.00x at steps_ratio 0.5, τ off (4.0 points below AR)" in t["lines"][-1]
+    assert bench.issue_targets({"calls": 10.0, "fact_accuracy": 0.9}, pd)["best_within"] is None
+
+
 def test_critical_path_refuses_a_folder_without_the_models(tmp_path):
     bench = _module("benchmarks/critical_path.py")
     (tmp_path / "pd").mkdir()
