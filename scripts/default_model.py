@@ -4,10 +4,14 @@
     python scripts/default_model.py ship  runs/default_model/pd/hf pdjax/assets/default_model/pd --mode pd \
         --config configs/default_model.yaml --heldout runs/default_model/data/heldout.jsonl
 
-`eval` decodes held-out prompts (greedy by default) through `pdjax.eval` and scores every answer with
+`eval` decodes held-out prompts (greedy by default) through `pdjax.eval` with the programs of
+`pdjax.eval.heldout` (as `benchmarks/critical_path.py` does: pd and ar with max_length 512, diffusion
+with the model's own mask count from its generation_config.json) and scores every answer with
 `pdjax.synthetic.check_completion`: well-formed plans, planned share, span accuracy, fact accuracy,
 model calls on the critical path. `ship` re-saves a trained Hugging Face folder with bfloat16 weights,
-the tokenizer, the held-out prompts the tests use and a model card.
+the tokenizer, the held-out prompts the tests use and a model card stating the training recipe (a
+stage-2 config that starts from another run's export names that stage-1 config too: found among the
+configs next to it, or given with --stage1_config) and the held-out figures of `eval --out`.
 """
 
 from __future__ import annotations
@@ -19,12 +23,7 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from typing import Any, Sequence
-
-# Decoder settings of each baseline: the diffusion model is trained on eos-filled answers of this many tokens.
-DIFFUSION_NEW_TOKENS = 64
-PLANNED_MAX_LENGTH = 256
 
 
 def read_jsonl(path: str, limit: int | None = None) -> list[dict]:
@@ -52,37 +51,45 @@ def evaluate(
     rows: Sequence[dict],
     mode: str,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     temperature: float = 0.0,
     seed: int = 0,
     dtype: str = "float32",
-    new_tokens: int = DIFFUSION_NEW_TOKENS,
+    new_tokens: int | None = None,
+    max_length: int | None = None,
 ) -> dict:
     """Decode `rows` (held-out records) with the model in `model_dir` in `mode` and score them.
 
-    Decoding goes through `pdjax.eval` (as `benchmarks/critical_path.py` does): max_length 256, and in
-    ``diffusion`` mode exactly `new_tokens` masks per prompt. Returns the summary with per-shape splits.
+    Decoding goes through `pdjax.eval` with `pdjax.eval.heldout`'s programs (as
+    `benchmarks/critical_path.py`): max_length 512 unless given, and in ``diffusion`` mode exactly
+    `new_tokens` masks per prompt (default: the folder's generation_config.json ``max_new_tokens``).
+    Returns the summary with per-shape splits.
     """
-    from pdjax.decode import DecodeConfig, DecodeOptions
-    from pdjax.eval import decode_prompts, load_eval_model, prompts_from_rows
-    from pdjax.synthetic import check_completion, summarize
+    from pdjax.eval.heldout import (
+        PD_MAX_LENGTH,
+        decode_and_score,
+        decode_options,
+        diffusion_masks,
+        heldout_prompts,
+        load_heldout_model,
+    )
+    from pdjax.synthetic import summarize
 
-    config = DecodeConfig(mode=mode, max_length=PLANNED_MAX_LENGTH, batch_size=min(batch_size, len(rows)))
-    model = load_eval_model(model_dir, config, dtype=dtype)
-    options = DecodeOptions(temperature=temperature, top_p=None if temperature == 0 else 0.95, seed=seed,
-                            max_new_tokens=new_tokens if mode == "diffusion" else None)
-    start = time.perf_counter()
-    records = decode_prompts(model, prompts_from_rows([r["prompt"] for r in rows], "heldout"), options)
-    seconds = time.perf_counter() - start
-
-    tokenizer = model.tokenizer
-    checks = [check_completion(r["facts"], rec["token_ids"], tokenizer) for r, rec in zip(rows, records)]
-    summary = summarize(checks)
+    masks = diffusion_masks(model_dir, new_tokens) if mode == "diffusion" else None
+    model = load_heldout_model(model_dir, mode, heldout_prompts(rows), max_length=max_length or PD_MAX_LENGTH,
+                               batch_size=batch_size, masks=masks, dtype=dtype)
+    options = decode_options(mode, masks=masks, temperature=temperature, seed=seed)
+    result = decode_and_score(model, rows, options)
+    records, checks = result["records"], result["checks"]
+    summary = result["summary"]
     summary["mode"] = mode
-    summary["decode_s"] = round(seconds, 1)
+    summary["decode_s"] = round(result["seconds"], 1)
+    summary["decode"] = {"max_length": model.config.max_length, "batch_size": model.config.batch_size,
+                         "diffusion_masks": masks, "temperature": temperature, "seed": seed}
     summary["model_calls_mean"] = round(statistics.fmean(rec["model_calls"] for rec in records), 2)
     summary["async_groups_mean"] = round(statistics.fmean(rec["groups"] for rec in records), 2)
     summary["finish"] = dict(collections.Counter(rec["finish_reason"] for rec in records))
+    tokenizer = model.tokenizer
     def split(key: str) -> dict[str, dict]:
         groups: dict[str, list] = collections.defaultdict(list)
         for r, c in zip(rows, checks):
@@ -105,16 +112,16 @@ MODEL_CARD = """\
 {what}
 
 - Architecture: Qwen2 (`Qwen2ForCausalLM` layout), {params:,} parameters, weights stored in bfloat16.
-- Trained from scratch by pdjax on CPU: `python -m pdjax.train --config {config}`
-  (data mode `{data_mode}`, {steps} steps, seed {seed}).
+- Trained from scratch by pdjax on CPU:
+{recipe}
 - Data: the synthetic checkable instruction data of `pdjax.synthetic` (ours, generated from a seed;
   same licence as pdjax). Tokenizer: the byte-level BPE trained by `pdjax.synthetic` on that data,
   with the plan-language control tokens added under their released strings.
 - `heldout.jsonl`: held-out prompts (never in training) with the facts a right answer states;
   score answers with `pdjax.synthetic.check_completion`.
 
-Held-out metrics measured when it was shipped ({n} prompts, greedy decoding, the trained float32 weights
-before the bfloat16 cast; `python scripts/default_model.py eval`):
+Held-out metrics measured when it was shipped ({n} prompts, greedy decoding{decode}, the trained
+float32 weights before the bfloat16 cast; `python scripts/default_model.py eval`):
 
 {metrics}
 
@@ -127,18 +134,116 @@ WHAT = {
     "ar": "The AR-only baseline: the same answers with the plan tags stripped, trained causally "
     "(`python -m pdjax.decode --mode ar`).",
     "diffusion": "The diffusion-only baseline: the same answers with the plan tags stripped, the whole answer "
-    f"one bidirectional block, trained on answers filled with `<|im_end|>` to {DIFFUSION_NEW_TOKENS} tokens "
-    f"(decode {DIFFUSION_NEW_TOKENS} masks: `python -m pdjax.decode --mode diffusion`).",
+    "one bidirectional block, trained on answers filled with `<|im_end|>` to {masks} tokens "
+    "(decode {masks} masks: `python -m pdjax.decode --mode diffusion`, which reads the count from this "
+    "folder's generation_config.json).",
 }
 
+LOSS = {
+    "planned": "the hybrid loss (AR on the plan and the text between rounds, diffusion inside the spans)",
+    "dense": "the hybrid loss with dense group attention",
+    "ar_only": "the AR loss on the answers with the plan tags stripped",
+    "diffusion_only": "the diffusion loss on the answers with the plan tags stripped (one bidirectional block, "
+    "filled with `<|im_end|>` to {fill} tokens)",
+}
+METRIC_KEYS = ("well_formed", "planned", "span_accuracy", "fact_accuracy", "model_calls_mean")
 
-def ship(src: str, dst: str, mode: str, config_path: str, heldout: str, num_heldout: int, metrics: dict | None) -> None:
-    """Write `src` (a trained HF folder) to `dst` in bfloat16 with its tokenizer, held-out prompts and model card."""
-    import jax.numpy as jnp
+
+def read_yaml(path: str) -> dict:
+    """A YAML config as a dict."""
     import yaml
 
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def find_stage1_config(config_path: str, cfg: dict, given: str | None = None) -> str | None:
+    """The config whose export `cfg` starts from (``model.checkpoint``); None for a model trained from scratch.
+
+    `given` is checked against it; else the YAML files next to `config_path` are searched for the one whose
+    ``checkpoint.export_dir`` is that folder.
+    """
+    start = (cfg.get("model") or {}).get("checkpoint")
+    if not start:
+        return None
+    candidates = [given] if given else sorted(
+        os.path.join(os.path.dirname(config_path) or ".", name)
+        for name in os.listdir(os.path.dirname(config_path) or ".") if name.endswith((".yaml", ".yml")))
+    for path in candidates:
+        export = ((read_yaml(path) or {}).get("checkpoint") or {}).get("export_dir")
+        if export and os.path.normpath(export) == os.path.normpath(start):
+            return path
+    where = given or f"the configs next to {config_path}"
+    raise SystemExit(f"{config_path} starts from {start}, but {where} has no config exporting it (--stage1_config)")
+
+
+def last_logged(cfg: dict) -> dict | None:
+    """The last line of the run's ``log.dir/metrics.jsonl`` (its final logged step and losses), if it is there."""
+    directory = (cfg.get("log") or {}).get("dir")
+    path = os.path.join(directory, "metrics.jsonl") if directory else None
+    if not path or not os.path.isfile(path):
+        return None
+    rows = read_jsonl(path)
+    return rows[-1] if rows else None
+
+
+def repo_path(path: str) -> str:
+    """`path` relative to the repository root when it lies inside it (as the README's commands name configs)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, root) if full.startswith(root + os.sep) else path
+
+
+def recipe_line(config_path: str, cfg: dict, label: str = "") -> str:
+    """One model-card line: the command, steps of which loss, batch, seed, and the last logged step if logs exist."""
+    data = cfg["data"]
+    config_path = repo_path(config_path)
+    loss = LOSS.get(data["mode"], f"data mode {data['mode']}").format(fill=data.get("eos_fill_length"))
+    line = (f"  - {label}`python -m pdjax.train --config {config_path}`: {cfg['steps']} steps of {loss} "
+            f"(data mode `{data['mode']}`), batch {data['batch_size']} rows of {data['row_length']} tokens, "
+            f"seed {cfg['seed']}")
+    logged = last_logged(cfg)
+    if logged is not None and "step" in logged:
+        losses = ", ".join(f"{k} {logged[k]:.3f}" for k in ("loss", "ar_loss", "diffusion_loss")
+                           if isinstance(logged.get(k), (int, float)) and logged[k])
+        line += f"; last logged step {logged['step']}" + (f" ({losses})" if losses else "")
+    return line + "."
+
+
+def training_recipe(config_path: str, stage1: str | None = None) -> str:
+    """The model card's training lines: one per stage (a shared stage 1 first when the config starts from one)."""
+    cfg = read_yaml(config_path)
+    base = find_stage1_config(config_path, cfg, stage1)
+    if base is None:
+        return recipe_line(config_path, cfg)
+    return "\n".join([recipe_line(base, read_yaml(base), "stage 1 (shared by the pd, ar and diffusion models): "),
+                      recipe_line(config_path, cfg, "stage 2, from the stage-1 weights: ")])
+
+
+def metric_lines(metrics: dict | None) -> str:
+    """The held-out figures of an `eval --out` summary as model-card lines."""
+    if not metrics:
+        return "- (not measured)"
+    lines = []
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        lines.append(f"- {key}: {value if value is None or key == 'model_calls_mean' else f'{value:.3f}'}")
+    for shape, split in (metrics.get("by_shape") or {}).items():
+        if split.get("fact_accuracy") is not None:
+            lines.append(f"- fact_accuracy on {shape} prompts ({split.get('answers')}): {split['fact_accuracy']:.3f}")
+    return "\n".join(lines)
+
+
+def ship(src: str, dst: str, mode: str, config_path: str, heldout: str, num_heldout: int | None,
+         metrics: dict | None, stage1_config: str | None = None) -> None:
+    """Write `src` (a trained HF folder) to `dst` in bfloat16 with its tokenizer, held-out prompts and model card."""
+    import jax.numpy as jnp
+
+    from pdjax.decode.model_info import read_model_info
     from pdjax.model import save_pretrained
 
+    recipe = training_recipe(config_path, stage1_config)  # refuses before anything is written
+    cfg = read_yaml(config_path)
     model, tokenizer = load(src)
     if os.path.isdir(dst):
         shutil.rmtree(dst)
@@ -150,23 +255,18 @@ def ship(src: str, dst: str, mode: str, config_path: str, heldout: str, num_held
         for r in rows:
             keep = {k: r[k] for k in ("id", "prompt", "completion", "answer", "shape", "family", "facts")}
             f.write(json.dumps(keep, ensure_ascii=False) + "\n")
-    with open(config_path) as f:
-        cfg = yaml.safe_load(f)
-    lines = []
-    if metrics:
-        for key in ("well_formed", "planned", "span_accuracy", "fact_accuracy", "model_calls_mean"):
-            value = metrics.get(key)
-            lines.append(f"- {key}: {value if value is None or key == 'model_calls_mean' else f'{value:.3f}'}")
+    masks = read_model_info(dst).max_new_tokens or cfg["data"].get("eos_fill_length")
+    decode = (metrics or {}).get("decode") or {}
+    decode_text = "".join(f", {k.replace('_', ' ')} {v}" for k, v in decode.items()
+                          if k in ("max_length", "diffusion_masks") and v is not None)
     card = MODEL_CARD.format(
         mode=mode,
-        what=WHAT[mode],
+        what=WHAT[mode].format(masks=masks),
         params=model.config.num_params,
-        config=config_path,
-        data_mode=cfg["data"]["mode"],
-        steps=cfg["steps"],
-        seed=cfg["seed"],
+        recipe=recipe,
         n=metrics.get("answers") if metrics else 0,
-        metrics="\n".join(lines) or "- (not measured)",
+        decode=decode_text,
+        metrics=metric_lines(metrics),
     )
     with open(os.path.join(dst, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
@@ -181,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--heldout", required=True)
     e.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd")
     e.add_argument("--num", type=int, default=None)
-    e.add_argument("--batch_size", type=int, default=32)
+    e.add_argument("--batch_size", type=int, default=None, help="default: 1 for pd and diffusion, 16 for ar")
+    e.add_argument("--max_length", type=int, default=None, help="pd and ar (default 512)")
+    e.add_argument("--new_tokens", type=int, default=None, help="diffusion masks (default: the model's own)")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--temperature", type=float, default=0.0)
     e.add_argument("--out", help="write the summary JSON here")
@@ -191,13 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--mode", choices=("pd", "ar", "diffusion"), required=True)
     s.add_argument("--config", required=True)
     s.add_argument("--heldout", required=True)
-    s.add_argument("--num_heldout", type=int, default=200)
+    s.add_argument("--num_heldout", type=int, default=None, help="held-out rows shipped (default: all)")
     s.add_argument("--metrics", help="a summary JSON written by `eval --out` for the model card")
+    s.add_argument("--stage1_config", help="the config of the run whose export --config starts from "
+                   "(default: found among the configs next to --config)")
     args = p.parse_args(argv)
     if args.command == "eval":
         rows = read_jsonl(args.heldout, args.num)
         summary = evaluate(args.model_dir, rows, args.mode, batch_size=args.batch_size, temperature=args.temperature,
-                           dtype=args.dtype)
+                           dtype=args.dtype, new_tokens=args.new_tokens, max_length=args.max_length)
         text = json.dumps(summary, indent=2)
         print(text)
         if args.out:
@@ -208,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics:
         with open(args.metrics) as f:
             metrics = json.load(f)
-    ship(args.src, args.dst, args.mode, args.config, args.heldout, args.num_heldout, metrics)
+    ship(args.src, args.dst, args.mode, args.config, args.heldout, args.num_heldout, metrics, args.stage1_config)
     return 0
 
 

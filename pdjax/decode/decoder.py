@@ -77,7 +77,11 @@ class DecodeConfig:
     prefill, denoising and commit calls (default: powers of two from 32, then ``max_length``).
     ``max_spans`` bounds the promises of one round (the plan grammar stops opening more).
     ``profile`` adds host callbacks that time each kind of model call (off by default: the
-    default program makes no host round trip).
+    default program makes no host round trip). ``compact`` makes every call of the loop the
+    serving engine's compact call: a denoising window samples only its masked positions
+    (masked first, in a quarter, half or full-width sub-bucket) and a call without AR rows skips
+    the AR sampling. The tokens are the same; on CPU a wide window decodes ~1/3 faster, for a
+    somewhat longer compile (off by default).
     """
 
     mode: DecodeMode = "pd"
@@ -86,6 +90,7 @@ class DecodeConfig:
     max_spans: int = 16
     buckets: tuple[int, ...] = ()
     profile: bool = False
+    compact: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in DECODE_MODES:
@@ -652,7 +657,7 @@ class _Program:
             done = jnp.sum(st.rows.phase == DONE)
             return (done < st.rows.phase.shape[0]) & (i < iterations) & ~(until_finish & (done > done_before))
 
-        step = self.split_step if split else self.step
+        step = self.split_step if split else functools.partial(self.step, compact=self.s.config.compact)
         state, _ = jax.lax.while_loop(more, lambda c: (step(c[0], params, knobs), c[1] + 1), (state, jnp.int32(0)))
         return state
 
