@@ -25,7 +25,6 @@ from pdjax.structure import ControlIds
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(str(resources.files("pdjax") / "assets" / "default_model"))
 GREEDY = DecodeOptions(temperature=0.0, top_p=None, seed=0)
-MIN_SPANS, MIN_SPAN_TOKENS = 2, 20
 
 
 def _module(relative: str):
