@@ -139,14 +139,19 @@ def test_critical_path_refuses_a_folder_without_the_models(tmp_path):
 
 
 def test_model_card_states_both_training_stages(tmp_path):
+    from pdjax.train.config import load_config
+
     tool = _module("scripts/default_model.py")
+    base, pd = (load_config(str(ROOT / "configs" / f"default_model_v2{s}.yaml")) for s in ("_base", ""))
+    fill = load_config(str(ROOT / "configs" / "default_model_v2_diffusion.yaml")).data.eos_fill_length
     recipe = tool.training_recipe(str(ROOT / "configs" / "default_model_v2.yaml"))
     stage1, stage2 = recipe.splitlines()
-    assert "stage 1 (shared" in stage1 and "default_model_v2_base.yaml" in stage1 and "600 steps of the AR loss" in stage1
-    assert "stage 2" in stage2 and "default_model_v2.yaml" in stage2 and "600 steps of the hybrid loss" in stage2
+    assert "stage 1 (shared" in stage1 and "default_model_v2_base.yaml" in stage1
+    assert f"{base.steps} steps of the AR loss" in stage1
+    assert "stage 2" in stage2 and "default_model_v2.yaml" in stage2 and f"{pd.steps} steps of the hybrid loss" in stage2
     assert "seed 0" in stage2 and "batch 8 rows of 512 tokens" in stage2
     diffusion = tool.training_recipe(str(ROOT / "configs" / "default_model_v2_diffusion.yaml"))
-    assert "filled with `<|im_end|>` to 288 tokens" in diffusion
+    assert f"filled with `<|im_end|>` to {fill} tokens" in diffusion
     single = tool.training_recipe(str(ROOT / "configs" / "default_model.yaml"))
     assert "stage" not in single and "1000 steps of the hybrid loss" in single
     # a stage-2 config whose stage 1 cannot be found is refused
