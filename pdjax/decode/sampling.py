@@ -10,8 +10,15 @@ from that filtered distribution:
 - ``topk_margin``: top-1 minus top-2 probability.
 
 The knobs are traced values (a `SamplingParams` pytree), so changing them does
-not recompile; the nucleus sort and the categorical draw are skipped with
-`lax.cond` when no example needs them. Each knob is a scalar (one setting for
+not recompile; the nucleus and the categorical draw are skipped with
+`lax.cond` when no example needs them.
+
+The nucleus is found without sorting the vocabulary when it can be decided
+exactly (`_nucleus_top_k`): from the `lax.top_k` window of the largest
+``NUCLEUS_WINDOW`` logits, whose cumulative mass agrees with the sort's up to a
+proven rounding bound; a call where some position cannot be decided that way
+falls back to the full sort (`_nucleus_top_k_sorted`), so the filtered logits
+are the sort's bit for bit either way. Each knob is a scalar (one setting for
 every row) or shaped like the rows' leading axes (one setting per row, as a
 serving batch whose slots hold different requests): a row's result is the
 same either way.
@@ -68,16 +75,69 @@ def _per_row(knob: jax.Array, ndim: int) -> jax.Array:
     return knob.reshape(knob.shape + (1,) * (ndim - knob.ndim))
 
 
-def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """logits [..., V] / temperature (if > 0), with tokens outside the top-p nucleus and the top-k set to -inf."""
+def filter_logits(logits: jax.Array, params: SamplingParams, needed: jax.Array | None = None) -> jax.Array:
+    """logits [..., V] / temperature (if > 0), with tokens outside the top-p nucleus and the top-k set to -inf.
+
+    ``needed`` (bool, the rows' shape; default all) names the rows whose result is read: a call
+    falls back to the full sort only when a needed row's nucleus is not decided without it, so
+    the other rows may hold a cut that is not the sort's.
+    """
     logits = logits.astype(jnp.float32)
     temperature = _per_row(params.temperature, logits.ndim)
     logits = logits / jnp.where(temperature > 0, temperature, 1.0)
     needs_sort = (params.top_p < 1.0) | (params.top_k > 0)
-    return jax.lax.cond(jnp.any(needs_sort), _nucleus_top_k, lambda x, p: x, logits, params)
+    if needed is None:
+        needed = jnp.ones(logits.shape[:-1], bool)
+    return jax.lax.cond(jnp.any(needs_sort), _nucleus_top_k, lambda x, p, n: x, logits, params, needed)
 
 
-def _nucleus_top_k(logits: jax.Array, params: SamplingParams) -> jax.Array:
+NUCLEUS_WINDOW = 32  # the fast path's candidates; larger nuclei (and top_k > this) take the sort
+
+
+def _nucleus_top_k(logits: jax.Array, params: SamplingParams, needed: jax.Array) -> jax.Array:
+    """`_nucleus_top_k_sorted`, without the sort when every needed row's cut is decided by its top-k window."""
+    if logits.shape[-1] < 2:
+        return _nucleus_top_k_sorted(logits, params)
+    filtered, decided = _nucleus_window(logits, params)
+    return jax.lax.cond(jnp.all(decided | ~needed), lambda x: filtered,
+                        lambda x: _nucleus_top_k_sorted(x, params), logits)
+
+
+def _nucleus_window(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """The nucleus and top-k from the largest ``NUCLEUS_WINDOW`` logits; and per row whether that is the sort's.
+
+    The sort keeps 1 + #{j < V - 1: cum[j] <= top_p} tokens (then at most top_k), cum being the
+    cumulative softmax of the sorted logits. Its cum[j] and the one here both sum non-negative
+    terms (the softmax denominator over all V, the prefix), in some order, so each is within
+    (V + j + 2) ulps (relative) of the exact mass: a comparison with top_p is decided where the two
+    cannot disagree (``tol`` covers both and exp's rounding). A row is decided when every j in the
+    window is, and the window ends above top_p (the exact mass only grows after it); or, with
+    top_k <= window, when top_k - 1 of them are below (min(kept, top_k) = top_k).
+    """
+    vocab = logits.shape[-1]
+    window = min(NUCLEUS_WINDOW, vocab - 1)
+    top_p, top_k = _per_row(params.top_p, logits.ndim), _per_row(params.top_k, logits.ndim)
+    # the first `window` values of the descending sort, exactly; the barrier keeps XLA from folding
+    # the later reads into the sort that top_k lowers to, which it would then no longer run as a TopK
+    ranked = jax.lax.optimization_barrier(jax.lax.top_k(logits, window)[0])
+    tol = (4 * vocab + 64) * 2.0**-24
+    top = ranked[..., :1]
+    total = jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)
+    cum = jnp.cumsum(jnp.exp(ranked - top), axis=-1) / total
+    below = cum < top_p - tol  # the sort's cum[j] <= top_p for sure
+    above = cum > top_p + tol  # the sort's cum[j] > top_p for sure
+    count = jnp.sum(below, axis=-1, keepdims=True)
+    exact = jnp.all(below | above, axis=-1, keepdims=True) & above[..., -1:]
+    capped = (top_k > 0) & (top_k <= window) & (count >= top_k - 1)
+    kept = jnp.where(top_k > 0, jnp.minimum(1 + count, top_k), 1 + count)
+    active = (top_p < 1.0) | (top_k > 0)
+    cut = jnp.take_along_axis(ranked, jnp.clip(kept, 1, window) - 1, axis=-1)
+    filtered = jnp.where((logits < cut) & active, -jnp.inf, logits)
+    return filtered, (exact | capped | ~active)[..., 0]
+
+
+def _nucleus_top_k_sorted(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """The nucleus and top-k by a full sort of the vocabulary (the definition the fast path reproduces)."""
     top_p, top_k = _per_row(params.top_p, logits.ndim), _per_row(params.top_k, logits.ndim)
     ranked = jnp.sort(logits, axis=-1)[..., ::-1]
     cum = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1)
@@ -98,13 +158,14 @@ class Sample(NamedTuple):
     confidence: jax.Array
 
 
-def sample(keys: jax.Array, logits: jax.Array, params: SamplingParams) -> Sample:
+def sample(keys: jax.Array, logits: jax.Array, params: SamplingParams, needed: jax.Array | None = None) -> Sample:
     """Sample one token per row of logits [..., V]; ``keys`` (typed PRNG keys) has the row shape [...].
 
     Each row draws with its own key, so a row's result does not depend on which
-    other rows share the call (batch composition, bucket padding).
+    other rows share the call (batch composition, bucket padding). Rows outside
+    ``needed`` (default: every row is needed) hold a sample no caller may read.
     """
-    filtered = filter_logits(logits, params)
+    filtered = filter_logits(logits, params, needed)
     probs = jax.nn.softmax(filtered, axis=-1)
     greedy = jnp.argmax(filtered, axis=-1).astype(jnp.int32)
 
