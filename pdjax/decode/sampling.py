@@ -26,6 +26,7 @@ same either way.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -95,12 +96,44 @@ NUCLEUS_WINDOW = 32  # the fast path's candidates; larger nuclei (and top_k > th
 
 
 def _nucleus_top_k(logits: jax.Array, params: SamplingParams, needed: jax.Array) -> jax.Array:
-    """`_nucleus_top_k_sorted`, without the sort when every needed row's cut is decided by its top-k window."""
+    """`_nucleus_top_k_sorted`, sorting only the needed rows whose cut neither the window nor the search decides."""
     if logits.shape[-1] < 2:
         return _nucleus_top_k_sorted(logits, params)
     filtered, decided = _nucleus_window(logits, params)
-    return jax.lax.cond(jnp.all(decided | ~needed), lambda x: filtered,
-                        lambda x: _nucleus_top_k_sorted(x, params), logits)
+
+    def wider(x: jax.Array) -> jax.Array:
+        # a nucleus beyond the window (a flat distribution): the threshold search, then the sort
+        found, known = _nucleus_search(x, params)
+        found, known = jnp.where(decided[..., None], filtered, found), decided | known
+        return _sort_rows(x, params, found, known | ~needed)
+
+    return jax.lax.cond(jnp.all(decided | ~needed), lambda x: filtered, wider, logits)
+
+
+def _sort_rows(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array) -> jax.Array:
+    """``filtered`` with the rows not ``done`` replaced by the sort's; only those rows (1, 4 or all) are sorted."""
+    vocab = logits.shape[-1]
+    flat, out, todo = logits.reshape(-1, vocab), filtered.reshape(-1, vocab), ~done.reshape(-1)
+    n = flat.shape[0]
+    knob = lambda k: jnp.broadcast_to(_per_row(k, logits.ndim), logits.shape[:-1] + (1,)).reshape(-1)  # noqa: E731
+    top_p, top_k = knob(params.top_p), knob(params.top_k)
+    order = jnp.argsort(done.reshape(-1), stable=True)  # the rows to sort first
+    sizes = sorted({min(1, n), min(4, n), n})
+
+    def sort_first(size: int, out: jax.Array) -> jax.Array:
+        at = order[:size]
+        part = _nucleus_top_k_sorted(flat[at], params._replace(top_p=top_p[at], top_k=top_k[at]))
+        return out.at[at].set(part)
+
+    count = jnp.sum(todo)
+    index = jnp.sum(count > jnp.asarray(sizes[:-1]))
+    branches = [lambda out: out] + [functools.partial(sort_first, size) for size in sizes]
+    return jax.lax.switch(jnp.where(count > 0, index + 1, 0), branches, out).reshape(logits.shape)
+
+
+def _mass_tolerance(vocab: int) -> float:
+    """A bound on |the sort's cumulative softmax - ours| at any position (see `_nucleus_window`)."""
+    return (4 * vocab + 64) * 2.0**-24
 
 
 def _nucleus_window(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -120,7 +153,7 @@ def _nucleus_window(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arra
     # the first `window` values of the descending sort, exactly; the barrier keeps XLA from folding
     # the later reads into the sort that top_k lowers to, which it would then no longer run as a TopK
     ranked = jax.lax.optimization_barrier(jax.lax.top_k(logits, window)[0])
-    tol = (4 * vocab + 64) * 2.0**-24
+    tol = _mass_tolerance(vocab)
     top = ranked[..., :1]
     total = jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)
     cum = jnp.cumsum(jnp.exp(ranked - top), axis=-1) / total
@@ -134,6 +167,41 @@ def _nucleus_window(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arra
     cut = jnp.take_along_axis(ranked, jnp.clip(kept, 1, window) - 1, axis=-1)
     filtered = jnp.where((logits < cut) & active, -jnp.inf, logits)
     return filtered, (exact | capped | ~active)[..., 0]
+
+
+def _nucleus_search(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """The nucleus of rows without top_k by a bisection over the cut value; and per row whether it is the sort's.
+
+    The sort's cut is the logit v at which its cumulative mass first exceeds top_p; whatever the
+    order of v's ties, that is v whenever mass{x > v} < top_p - tol and mass{x >= v} > top_p + tol
+    (both within ``tol`` of the sort's sums, see `_nucleus_window`). The search finds the largest
+    logit whose mass{x >= v} is > top_p by 32 halvings of float32's order (as int32 keys), each one
+    masked sum over the vocabulary; the two bounds then decide the row.
+    """
+    top_p, top_k = _per_row(params.top_p, logits.ndim), _per_row(params.top_k, logits.ndim)
+    tol = _mass_tolerance(logits.shape[-1])
+    bits = jax.lax.bitcast_convert_type(logits, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # increasing with the float's value
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+
+    def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds  # mass{key >= lo} > top_p >= mass{key >= hi}
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
+        over = jnp.sum(jnp.where(key >= mid, e, 0.0), axis=-1, keepdims=True) / total > top_p
+        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+    lo = jnp.min(key, axis=-1, keepdims=True)
+    hi = jnp.max(key, axis=-1, keepdims=True) + 1
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    cut = jnp.max(jnp.where(key <= lo, logits, -jnp.inf), axis=-1, keepdims=True)
+    at_least = jnp.sum(jnp.where(logits >= cut, e, 0.0), axis=-1, keepdims=True) / total
+    above = jnp.sum(jnp.where(logits > cut, e, 0.0), axis=-1, keepdims=True) / total
+    active = top_p < 1.0
+    decided = (at_least > top_p + tol) & (above < top_p - tol) & (top_k == 0) & active
+    filtered = jnp.where((logits < cut) & active, -jnp.inf, logits)
+    return filtered, decided[..., 0]
 
 
 def _nucleus_top_k_sorted(logits: jax.Array, params: SamplingParams) -> jax.Array:
