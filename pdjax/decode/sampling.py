@@ -16,9 +16,10 @@ not recompile; the nucleus and the categorical draw are skipped with
 The nucleus is found without sorting the vocabulary when it can be decided
 exactly (`_nucleus_top_k`): from the `lax.top_k` window of the largest
 ``NUCLEUS_WINDOW`` logits, whose cumulative mass agrees with the sort's up to a
-proven rounding bound; a call where some position cannot be decided that way
-falls back to the full sort (`_nucleus_top_k_sorted`), so the filtered logits
-are the sort's bit for bit either way. Each knob is a scalar (one setting for
+proven rounding bound; only the rows that cannot be decided that way (a flat
+distribution) are sorted (`_nucleus_top_k_sorted`), so the filtered logits are
+the sort's bit for bit either way. Rows a caller does not read (``needed``)
+never force the sort. Each knob is a scalar (one setting for
 every row) or shaped like the rows' leading axes (one setting per row, as a
 serving batch whose slots hold different requests): a row's result is the
 same either way.
@@ -96,18 +97,14 @@ NUCLEUS_WINDOW = 32  # the fast path's candidates; larger nuclei (and top_k > th
 
 
 def _nucleus_top_k(logits: jax.Array, params: SamplingParams, needed: jax.Array) -> jax.Array:
-    """`_nucleus_top_k_sorted`, sorting only the needed rows whose cut neither the window nor the search decides."""
+    """`_nucleus_top_k_sorted`, sorting only the needed rows whose cut the top-k window does not decide."""
     if logits.shape[-1] < 2:
         return _nucleus_top_k_sorted(logits, params)
     filtered, decided = _nucleus_window(logits, params)
 
-    def wider(x: jax.Array) -> jax.Array:
-        # a nucleus beyond the window (a flat distribution): the threshold search, then the sort
-        found, known = _nucleus_search(x, params)
-        found, known = jnp.where(decided[..., None], filtered, found), decided | known
-        return _sort_rows(x, params, found, known | ~needed)
-
-    return jax.lax.cond(jnp.all(decided | ~needed), lambda x: filtered, wider, logits)
+    # a nucleus beyond the window (a flat distribution, or a cut token lighter than the rounding bound)
+    sort = lambda x: _sort_rows(x, params, filtered, decided | ~needed)  # noqa: E731
+    return jax.lax.cond(jnp.all(decided | ~needed), lambda x: filtered, sort, logits)
 
 
 def _sort_rows(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array) -> jax.Array:
@@ -167,41 +164,6 @@ def _nucleus_window(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arra
     cut = jnp.take_along_axis(ranked, jnp.clip(kept, 1, window) - 1, axis=-1)
     filtered = jnp.where((logits < cut) & active, -jnp.inf, logits)
     return filtered, (exact | capped | ~active)[..., 0]
-
-
-def _nucleus_search(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """The nucleus of rows without top_k by a bisection over the cut value; and per row whether it is the sort's.
-
-    The sort's cut is the logit v at which its cumulative mass first exceeds top_p; whatever the
-    order of v's ties, that is v whenever mass{x > v} < top_p - tol and mass{x >= v} > top_p + tol
-    (both within ``tol`` of the sort's sums, see `_nucleus_window`). The search finds the largest
-    logit whose mass{x >= v} is > top_p by 32 halvings of float32's order (as int32 keys), each one
-    masked sum over the vocabulary; the two bounds then decide the row.
-    """
-    top_p, top_k = _per_row(params.top_p, logits.ndim), _per_row(params.top_k, logits.ndim)
-    tol = _mass_tolerance(logits.shape[-1])
-    bits = jax.lax.bitcast_convert_type(logits, jnp.int32)
-    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # increasing with the float's value
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - top)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-
-    def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lo, hi = bounds  # mass{key >= lo} > top_p >= mass{key >= hi}
-        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
-        over = jnp.sum(jnp.where(key >= mid, e, 0.0), axis=-1, keepdims=True) / total > top_p
-        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
-
-    lo = jnp.min(key, axis=-1, keepdims=True)
-    hi = jnp.max(key, axis=-1, keepdims=True) + 1
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
-    cut = jnp.max(jnp.where(key <= lo, logits, -jnp.inf), axis=-1, keepdims=True)
-    at_least = jnp.sum(jnp.where(logits >= cut, e, 0.0), axis=-1, keepdims=True) / total
-    above = jnp.sum(jnp.where(logits > cut, e, 0.0), axis=-1, keepdims=True) / total
-    active = top_p < 1.0
-    decided = (at_least > top_p + tol) & (above < top_p - tol) & (top_k == 0) & active
-    filtered = jnp.where((logits < cut) & active, -jnp.inf, logits)
-    return filtered, decided[..., 0]
 
 
 def _nucleus_top_k_sorted(logits: jax.Array, params: SamplingParams) -> jax.Array:
