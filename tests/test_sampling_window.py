@@ -152,3 +152,18 @@ def test_only_undecided_rows_are_sorted_and_equal_the_sort(undecided):
     x[rows] = hard
     assert left(x).sum() == undecided
     assert np.array_equal(np.asarray(FILTER(jnp.asarray(x), params)), np.asarray(SORTED(jnp.asarray(x), params)))
+
+
+def test_argmax_equals_jnp_argmax():
+    """Ties (first index), +-0, -inf rows, and arrays with NaNs (jnp.argmax's own rule) agree exactly."""
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(0, 2, (64, 40))).astype(np.float32)  # many ties at the max
+    x[0] = -np.inf
+    x[1, :] = 0.0
+    x[1, ::2] = -0.0
+    x[2, 5], x[2, 9] = np.inf, np.inf
+    ours = jax.jit(sampling._argmax)
+    assert np.array_equal(np.asarray(ours(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+    x[3, 7], x[3, 2], x[5, 0] = np.nan, np.nan, np.nan
+    assert np.array_equal(np.asarray(ours(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+    assert ours(jnp.asarray(x)).dtype == jnp.int32
