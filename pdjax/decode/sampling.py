@@ -16,7 +16,7 @@ not recompile; the nucleus and the categorical draw are skipped with
 The nucleus is found without sorting the vocabulary when it can be decided
 exactly (`_nucleus_top_k`): from the `lax.top_k` window of the largest
 ``NUCLEUS_WINDOW`` logits, whose cumulative mass agrees with the sort's up to a
-proven rounding bound; only the rows that cannot be decided that way (a flat
+worst-case rounding bound; only the rows that cannot be decided that way (a flat
 distribution) are sorted (`_nucleus_top_k_sorted`), so the filtered logits are
 the sort's bit for bit either way. Rows a caller does not read (``needed``)
 never force the sort. Each knob is a scalar (one setting for
@@ -80,9 +80,9 @@ def _per_row(knob: jax.Array, ndim: int) -> jax.Array:
 def filter_logits(logits: jax.Array, params: SamplingParams, needed: jax.Array | None = None) -> jax.Array:
     """logits [..., V] / temperature (if > 0), with tokens outside the top-p nucleus and the top-k set to -inf.
 
-    ``needed`` (bool, the rows' shape; default all) names the rows whose result is read: a call
-    falls back to the full sort only when a needed row's nucleus is not decided without it, so
-    the other rows may hold a cut that is not the sort's.
+    ``needed`` (bool, the rows' shape; default all) names the rows whose result is read: only a
+    needed row whose nucleus the top-k window does not decide is sorted, so the other rows may
+    hold a cut that is not the sort's.
     """
     logits = logits.astype(jnp.float32)
     temperature = _per_row(params.temperature, logits.ndim)
