@@ -361,12 +361,14 @@ class _Program:
             keys, cut(window.segments.position)
         )
 
+        # only masked positions are read (`_denoise`): the others' nucleus never forces the full sort
+        masked = cut(window.valid & (window.tokens == self.s.ids.mask))
+
         def draw(pred: jax.Array) -> Sample:
-            return sample(position_keys, pred, sampling)
+            return sample(position_keys, pred, sampling, masked)
 
         if compact and width >= 8:
-            # only masked positions are read (`_denoise`): sample the first `size` of them, masked first
-            masked = cut(window.valid & (window.tokens == self.s.ids.mask))
+            # sample the first `size` masked positions, masked first
             order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)
             sizes = sorted({width // 4, width // 2, width})
             rows = jnp.arange(masked.shape[0])[:, None]
@@ -374,7 +376,8 @@ class _Program:
             def draw_first(size: int, pred: jax.Array) -> Sample:
                 at = order[:, :size]
                 part = sample(jnp.take_along_axis(position_keys, at, axis=1),
-                              jnp.take_along_axis(pred, at[..., None], axis=1), sampling)
+                              jnp.take_along_axis(pred, at[..., None], axis=1), sampling,
+                              jnp.take_along_axis(masked, at, axis=1))
                 return jax.tree.map(lambda a: jnp.zeros(pred.shape[:2], a.dtype).at[rows, at].set(a), part)
 
             need = jnp.max(jnp.sum(masked, axis=1))
@@ -393,12 +396,13 @@ class _Program:
 
     # ---- AR tokens: plan steps, the token after a prefill or a commit -----------------------
 
-    def _ar_sample(self, logits: jax.Array, rows: Rows, knobs: Knobs) -> jax.Array:
-        """Each example's next AR token from logits [B, V] (under the plan grammar in pd mode)."""
+    def _ar_sample(self, logits: jax.Array, rows: Rows, knobs: Knobs, needed: jax.Array) -> jax.Array:
+        """Each example's next AR token from logits [B, V] (under the plan grammar in pd mode); only the
+        `needed` [B] rows' tokens are read."""
         if self.s.config.mode == "pd":
             bias = jax.vmap(lambda g: lay.grammar_bias(g, self.s.ids, logits.shape[-1], self.k))(rows.grammar)
             logits = logits + bias
-        return sample(self._row_keys(rows, knobs), logits, knobs.sampling).token
+        return sample(self._row_keys(rows, knobs), logits, knobs.sampling, needed).token
 
     def _row_keys(self, rows: Rows, knobs: Knobs) -> jax.Array:
         """[B] keys: one per example and per model call of that example (independent of the batch).
@@ -567,7 +571,8 @@ class _Program:
         new = rows
         if c.mode != "diffusion":
             def ar_step(rows: Rows) -> Rows:
-                return _select_rows(ar_rows, self._accept(rows, self._ar_sample(ar_logits, rows, knobs), knobs), rows)
+                token = self._ar_sample(ar_logits, rows, knobs, ar_rows)
+                return _select_rows(ar_rows, self._accept(rows, token, knobs), rows)
 
             # a serving row's own call that takes no AR step (denoising) skips the AR sampling and layout
             new = _cond(jnp.any(ar_rows), ar_step, rows) if compact else ar_step(rows)
