@@ -71,12 +71,6 @@ def _month_facts(mo: str, groups: Sequence[str]) -> list[Fact]:
     return [calendar_fact(k, mo) for g in groups for k in MONTH_GROUPS[g][0]]
 
 
-def _day_facts(d: str) -> list[Fact]:
-    """The day before, the day after, and the day after that (a chain, each fact checkable on its own)."""
-    after = calendar_fact("next_day", d)
-    return [calendar_fact("previous_day", d), after, calendar_fact("next_day", after.value)]
-
-
 def _text(facts: Sequence[Fact], conclude: bool = False) -> str:
     """The facts' sentences; with `conclude` the last one is written as a conclusion ('So ...')."""
     sentences = [f.sentence() for f in facts]
@@ -246,7 +240,7 @@ def _day_asks(rng: random.Random) -> tuple[tuple[int, int, bool], str]:
 
 
 def _day_profile(d: str, how: tuple[int, int, bool]) -> list[Fact]:
-    """A chain of 5 facts walking back and forward from d (each checkable on its own)."""
+    """A chain walking `back` days back and `forward` days forward from d (each fact checkable on its own)."""
     back, forward, back_first = how
 
     def walk(kind: str, steps: int) -> list[Fact]:
@@ -436,7 +430,7 @@ def single_profile(rng: random.Random) -> Example:
         facts = _month_facts(x, groups)
     else:
         x = rng.choice(DAYS)
-        facts = _day_facts(x)
+        facts = _day_profile(x, (1, 2, True))  # the day before it and the two days after it
     prompt = rng.choice(SINGLE_PROMPTS[kind]).format(x=x, asks=asks)
     key = f"single|{kind}|{x}|{','.join(f.kind for f in facts)}"
     return Example(prompt, "plain", "single_profile", key, (), _text(facts), tuple(facts))
