@@ -29,12 +29,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "pdjax" / "assets" / "default_model"
 
-# (label, model folder, mode, batching, batch size)
+# (label, model folder, mode, batching, batch size: None = the mode's --pd_batch / --ar_batch)
 CONFIGS = [
-    ("PD continuous", "pd", "pd", "continuous", 8),
-    ("PD static batches", "pd", "pd", "static", 8),
+    ("PD continuous", "pd", "pd", "continuous", None),
+    ("PD static batches", "pd", "pd", "static", None),
     ("PD batch-1 one at a time", "pd", "pd", "continuous", 1),
-    ("AR continuous", "ar", "ar", "continuous", 8),
+    ("AR continuous", "ar", "ar", "continuous", None),
+    ("AR static batches", "ar", "ar", "static", None),
     ("AR batch-1 one at a time", "ar", "ar", "continuous", 1),
 ]
 
@@ -100,20 +101,31 @@ async def load(url: str, model: str, prompts: list[str], clients: int, timeout: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, default=64, help="requests per configuration (default: 64)")
+    p.add_argument("--requests", type=int, default=192, help="requests per configuration (default: 192)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (default: 32)")
     p.add_argument("--max_length", type=int, default=128, help="server --max_length (default: 128)")
     p.add_argument("--chunk", type=int, default=16, help="server --chunk (default: 16)")
+    p.add_argument("--pd_batch", type=int, default=8, help="slots of the batched PD servers (default: 8)")
+    p.add_argument("--ar_batch", type=int, default=16,
+                   help="slots of the batched AR servers (default: 16: an AR step is one column per row, so more "
+                        "rows share a call before it becomes compute-bound)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     p.add_argument("--start_timeout", type=float, default=600.0, help="seconds for a server to start (default: 600)")
     p.add_argument("--compilation_cache", default=None, help="JAX's persistent compilation cache for the servers")
+    p.add_argument("--modes", default="pd,ar", help="which models to load: pd, ar or both (default: pd,ar)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
 
     heldout = [json.loads(line)["prompt"] for line in (MODELS / "pd" / "heldout.jsonl").read_text().splitlines()]
     prompts = [heldout[i % len(heldout)] for i in range(args.requests)]
     rows = []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"pd", "ar"}:
+        p.error(f"--modes takes pd, ar or pd,ar; got {args.modes!r}")
     for label, model, mode, batching, batch in CONFIGS:
+        if mode not in modes:
+            continue
+        batch = batch or (args.pd_batch if mode == "pd" else args.ar_batch)
         print(f"== {label}: --model {model} --mode {mode} --batching {batching} --batch_size {batch}", flush=True)
         proc, url = start(model, mode, batching, batch, args)
         try:
@@ -136,9 +148,9 @@ def main() -> int:
         print(f"{r['config']:<26} {r['batch']:>5} {r['answers_s']:>10.2f} {r['tokens_s']:>9.1f} {r['p50']:>7.2f} "
               f"{r['p99']:>7.2f} {r['calls']:>12.1f}")
     by = {r["config"]: r for r in rows}
-    for kind in ("PD", "AR"):
+    for kind in [m.upper() for m in modes]:
         ratio = by[f"{kind} continuous"]["answers_s"] / by[f"{kind} batch-1 one at a time"]["answers_s"]
-        print(f"{kind}: continuous batching answers {ratio:.1f}x as many requests per second as batch-1")
+        print(f"{kind}: continuous batching answers {ratio:.2f}x as many requests per second as batch-1")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

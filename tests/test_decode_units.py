@@ -195,3 +195,20 @@ def test_grammar_matches_the_documented_rules():
             tok = int(rng.choice(choices))
             plan.append(tok)
             state = step(state, jnp.int32(tok))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, -1, -(2**31), 2**32 + 7])
+def test_host_knobs_equal_make_knobs(seed):
+    """The server's NumPy knobs (no JAX dispatch) are make_knobs' leaf for leaf, the raw key included."""
+    from pdjax.decode.decoder import DecodeOptions, host_knobs, make_knobs
+
+    for options in (DecodeOptions(seed=seed),
+                    DecodeOptions(seed=seed, temperature=0.7, top_p=None, top_k=5, alg="topk_margin",
+                                  confidence_threshold=0.9, dense=True, steps_ratio=0.25, length_scale=7.5,
+                                  max_new_tokens=33)):
+        want = make_knobs(options, 96)
+        want = jax.tree.map(np.asarray, want._replace(key=jax.random.key_data(want.key)))
+        got = host_knobs(options, 96)
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            assert isinstance(g, np.ndarray) and g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(g, w)

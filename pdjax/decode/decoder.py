@@ -51,7 +51,7 @@ import numpy as np
 
 from pdjax.decode import layout as lay
 from pdjax.decode import schedule as sch
-from pdjax.decode.sampling import Sample, SamplingParams, sample
+from pdjax.decode.sampling import ALGS, Sample, SamplingParams, sample
 from pdjax.decode.stats import Profiler
 from pdjax.structure import NEVER, ControlIds, Role, Segments
 
@@ -738,9 +738,46 @@ class SlotView(NamedTuple):
 
 
 def host_knobs(options: DecodeOptions, max_length: int) -> Knobs:
-    """`make_knobs` with NumPy leaves and the key as its raw data: one request's row of a serving batch."""
-    knobs = make_knobs(options, max_length)
-    return jax.tree.map(np.asarray, knobs._replace(key=jax.random.key_data(knobs.key)))
+    """`make_knobs` with NumPy leaves and the key as its raw data: one request's row of a serving batch.
+
+    Built in NumPy without a JAX dispatch (the server builds one per request on its event loop);
+    equal leaf for leaf to `make_knobs` (tests/test_decode_units.py).
+    """
+    SamplingParams.check(options.temperature, options.top_p, options.top_k, options.alg)
+    return Knobs(
+        SamplingParams(np.asarray(options.temperature, np.float32),
+                       np.asarray(1.0 if options.top_p is None else options.top_p, np.float32),
+                       np.asarray(options.top_k or 0, np.int32), np.asarray(ALGS.index(options.alg), np.int32)),
+        np.asarray(-1.0 if options.confidence_threshold is None else options.confidence_threshold, np.float32),
+        np.asarray(options.dense, np.bool_),
+        _steps_table(max_length, options.steps_ratio),
+        _length_table(options.length_scale),
+        _key_data(options.seed),
+        np.asarray(max_length if options.max_new_tokens is None else options.max_new_tokens, np.int32),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _steps_table(max_length: int, steps_ratio: float) -> np.ndarray:
+    table = sch.steps_table(max_length, steps_ratio)
+    table.flags.writeable = False
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def _length_table(length_scale: float) -> np.ndarray:
+    table = lay.length_table(length_scale)
+    table.flags.writeable = False
+    return table
+
+
+def _key_data(seed: int) -> np.ndarray:
+    """`jax.random.key_data(jax.random.key(seed))` as uint32 NumPy: computed on the host for the default
+    threefry keys of 32-bit seeds (the key is [0, seed mod 2**32]), else by JAX."""
+    if (not jax.config.jax_enable_x64 and jax.config.jax_default_prng_impl == "threefry2x32"
+            and -(2**31) <= seed < 2**32):
+        return np.array([0, seed % 2**32], np.uint32)
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 def stack_knobs(rows: list[Knobs]) -> Knobs:

@@ -1,0 +1,136 @@
+"""Where serving throughput comes from on this machine: the serving engine without HTTP, batch-1 vs batched.
+
+`benchmarks/serve_load.py` measures the whole server through the `openai` client. This script
+measures the same engine (`pdjax.serve.engine.Engine`, the shipped models, greedy held-out
+prompts) in-process, so the HTTP layer's cost is out of the picture, and also reports how many
+CPU cores each configuration kept busy (process CPU seconds / wall seconds). Per mode:
+
+- batch-1: one slot, one request at a time (what `--batch_size 1` serves);
+- batched: `--batch` slots, every request queued at once (continuous batching);
+- two replicas: the batch split over two JAX devices (two engines, one thread each), which on a
+  CPU means the host platform forced to 2 devices; one device per replica on a multi-chip host.
+
+    python benchmarks/serve_engine.py                     # PD and AR, 64 prompts each
+    python benchmarks/serve_engine.py --modes pd --requests 128 --pd_batch 8
+"""
+
+from __future__ import annotations
+
+import os
+
+# two host devices for the two-replica row (set before JAX is imported; the other rows use device 0)
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MODELS = ROOT / "pdjax" / "assets" / "default_model"
+
+
+def build_engine(mode: str, batch: int, device, max_length: int, chunk: int):
+    """A compiled engine for the shipped `mode` model with `batch` slots on `device`, and its tokenizer."""
+    import jax
+
+    from pdjax.decode.cli import build, resolve_model
+    from pdjax.serve.engine import Engine
+
+    model = str(MODELS / mode)
+    with jax.default_device(device):
+        args = argparse.Namespace(model=model, mode=mode, max_length=max_length, batch_size=batch, max_spans=16,
+                                  buckets=None, profile=False)
+        decoder, tokenizer, _ = build(args, resolve_model(model, mode))
+        engine = Engine(decoder, chunk=chunk, max_queue=100_000)
+        engine.warmup()
+    return engine, tokenizer
+
+
+def serve(engines: list, devices: list, prompts: list[list[int]], options) -> tuple[float, float, list]:
+    """Answer every prompt (split round-robin over the engines, one thread each); wall s, CPU s, results."""
+    import jax
+
+    parts: list[list] = [[] for _ in engines]
+
+    def run(k: int) -> None:
+        engine, items = engines[k], prompts[k::len(engines)]
+        with jax.default_device(devices[k]):
+            if engine.config.batch_size == 1:
+                parts[k].extend(engine.generate([p], options)[0] for p in items)
+            else:
+                parts[k].extend(engine.generate(items, options))
+
+    t0, c0 = time.perf_counter(), os.times()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(engines))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall, c1 = time.perf_counter() - t0, os.times()
+    return wall, (c1.user - c0.user) + (c1.system - c0.system), [r for part in parts for r in part]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default="pd,ar", help="pd, ar or pd,ar (default: pd,ar)")
+    p.add_argument("--requests", type=int, default=64, help="held-out prompts per configuration (default: 64)")
+    p.add_argument("--pd_batch", type=int, default=8, help="PD slots when batched (default: 8)")
+    p.add_argument("--ar_batch", type=int, default=16, help="AR slots when batched (default: 16)")
+    p.add_argument("--max_length", type=int, default=128, help="the engines' max_length (default: 128)")
+    p.add_argument("--chunk", type=int, default=16, help="loop iterations per device call (default: 16)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"pd", "ar"}:
+        p.error(f"--modes takes pd, ar or pd,ar; got {args.modes!r}")
+
+    import jax
+
+    from pdjax.decode.decoder import DecodeOptions
+    from pdjax.model.tokenizer import chat_prompt_ids
+
+    devices = jax.devices()
+    options = DecodeOptions(temperature=0.0)
+    rows = []
+    for mode in modes:
+        batch = args.pd_batch if mode == "pd" else args.ar_batch
+        heldout = [json.loads(x)["prompt"] for x in (MODELS / mode / "heldout.jsonl").read_text().splitlines()]
+        configs = [("batch-1 one at a time", [1], devices[:1]), (f"batched ({batch} slots)", [batch], devices[:1])]
+        if len(devices) >= 2 and batch >= 2:
+            configs.append((f"2 replicas x {batch // 2} slots", [batch // 2, batch - batch // 2], devices[:2]))
+        for label, batches, devs in configs:
+            print(f"== {mode.upper()} {label}: compiling ...", flush=True)
+            built = [build_engine(mode, b, d, args.max_length, args.chunk) for b, d in zip(batches, devs)]
+            engines, tokenizer = [e for e, _ in built], built[0][1]
+            prompts = [chat_prompt_ids(tokenizer, heldout[i % len(heldout)], chat_template=True)
+                       for i in range(args.requests)]
+            serve(engines, devs, prompts[: 2 * len(engines)], options)  # one-off host work, off the clock
+            wall, cpu, results = serve(engines, devs, prompts, options)
+            calls = statistics.fmean(r.stats.model_calls for r in results)
+            rows.append({"mode": mode.upper(), "config": label, "answers": len(results), "wall": wall,
+                         "answers_s": len(results) / wall, "cores": cpu / wall, "calls": calls})
+            print(f"   {len(results)} answers in {wall:.2f} s", flush=True)
+
+    print(f"\n{args.requests} held-out prompts per row, greedy, max_length {args.max_length}, chunk {args.chunk}, "
+          f"in-process (no HTTP); {os.cpu_count()} CPU cores, JAX platform {jax.default_backend()}")
+    head = f"{'mode':<4} {'configuration':<24} {'answers/s':>10} {'x batch-1':>9} {'cores busy':>10} {'calls/answer':>12}"
+    print(head)
+    print("-" * len(head))
+    base = {r["mode"]: r["answers_s"] for r in rows if r["config"].startswith("batch-1")}
+    for r in rows:
+        ratio = r["answers_s"] / base[r["mode"]] if r["mode"] in base else float("nan")
+        print(f"{r['mode']:<4} {r['config']:<24} {r['answers_s']:>10.2f} {ratio:>9.2f} {r['cores']:>10.2f} "
+              f"{r['calls']:>12.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
