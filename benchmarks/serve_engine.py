@@ -45,7 +45,7 @@ def build_engine(mode: str, batch: int, device, max_length: int, chunk: int):
     model = str(MODELS / mode)
     with jax.default_device(device):
         args = argparse.Namespace(model=model, mode=mode, max_length=max_length, batch_size=batch, max_spans=16,
-                                  buckets=None, profile=False)
+                                  buckets=None, profile=False, device=device)
         decoder, tokenizer, _ = build(args, resolve_model(model, mode))
         engine = Engine(decoder, chunk=chunk, max_queue=100_000)
         engine.warmup()

@@ -1,4 +1,4 @@
-"""Load on `python -m pdjax.serve` over loopback: continuous batching vs static batches vs batch-1, PD vs AR.
+"""Load on `python -m pdjax.serve` over loopback: continuous batching (one or two replicas) vs static batches vs batch-1, PD vs AR.
 
 For each configuration this starts the real server on 127.0.0.1 (a free port)
 with a shipped model, sends the same requests (held-out prompts, greedy) from
@@ -29,21 +29,25 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "pdjax" / "assets" / "default_model"
 
-# (label, model folder, mode, batching, batch size: None = the mode's --pd_batch / --ar_batch)
+# (label, model folder, mode, batching, batch size: None = the mode's --pd_batch / --ar_batch, replicas)
 CONFIGS = [
-    ("PD continuous", "pd", "pd", "continuous", None),
-    ("PD static batches", "pd", "pd", "static", None),
-    ("PD batch-1 one at a time", "pd", "pd", "continuous", 1),
-    ("AR continuous", "ar", "ar", "continuous", None),
-    ("AR static batches", "ar", "ar", "static", None),
-    ("AR batch-1 one at a time", "ar", "ar", "continuous", 1),
+    ("PD continuous", "pd", "pd", "continuous", None, 1),
+    ("PD continuous, 2 replicas", "pd", "pd", "continuous", None, 2),
+    ("PD static batches", "pd", "pd", "static", None, 1),
+    ("PD batch-1 one at a time", "pd", "pd", "continuous", 1, 1),
+    ("AR continuous", "ar", "ar", "continuous", None, 1),
+    ("AR continuous, 2 replicas", "ar", "ar", "continuous", None, 2),
+    ("AR static batches", "ar", "ar", "static", None, 1),
+    ("AR batch-1 one at a time", "ar", "ar", "continuous", 1, 1),
 ]
 
 
-def start(model: str, mode: str, batching: str, batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """The server as a subprocess; returns it and its base URL once it listens."""
+def start(model: str, mode: str, batching: str, batch: int, replicas: int,
+          args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """The server as a subprocess (`replicas` of `batch` slots each); returns it and its base URL once it listens."""
     cmd = [sys.executable, "-m", "pdjax.serve", "--model", str(MODELS / model), "--served_model_name", model,
-           "--mode", mode, "--port", "0", "--batch_size", str(batch), "--batching", batching, "--max_length",
+           "--mode", mode, "--port", "0", "--batch_size", str(batch), "--replicas", str(replicas),
+           "--batching", batching, "--max_length",
            str(args.max_length), "--chunk", str(args.chunk), "--max_queue", str(args.requests)]
     if args.compilation_cache:
         cmd += ["--compilation_cache", args.compilation_cache]
@@ -122,12 +126,14 @@ def main() -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"pd", "ar"}:
         p.error(f"--modes takes pd, ar or pd,ar; got {args.modes!r}")
-    for label, model, mode, batching, batch in CONFIGS:
+    for label, model, mode, batching, batch, replicas in CONFIGS:
         if mode not in modes:
             continue
         batch = batch or (args.pd_batch if mode == "pd" else args.ar_batch)
-        print(f"== {label}: --model {model} --mode {mode} --batching {batching} --batch_size {batch}", flush=True)
-        proc, url = start(model, mode, batching, batch, args)
+        batch //= replicas  # the same slots in all, split over the replicas
+        print(f"== {label}: --model {model} --mode {mode} --batching {batching} --batch_size {batch} "
+              f"--replicas {replicas}", flush=True)
+        proc, url = start(model, mode, batching, batch, replicas, args)
         try:
             row = asyncio.run(load(url, model, prompts, args.clients, args.timeout))
         finally:
@@ -135,12 +141,12 @@ def main() -> int:
             code = proc.wait(timeout=120)
         if code != 0:
             raise SystemExit(f"the server for {label} exited {code}")
-        rows.append({"config": label, "batch": batch, **row})
+        rows.append({"config": label, "batch": f"{replicas}x{batch}" if replicas > 1 else str(batch), **row})
         print(f"   {row['answers']} answers in {row['wall']:.1f} s", flush=True)
 
     print(f"\n{args.requests} requests (held-out prompts, greedy), {args.clients} concurrent openai clients, "
           f"loopback, max_length {args.max_length}, chunk {args.chunk}")
-    head = f"{'configuration':<26} {'batch':>5} {'answers/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} " \
+    head = f"{'configuration':<26} {'slots':>5} {'answers/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} " \
            f"{'calls/answer':>12}"
     print(head)
     print("-" * len(head))
@@ -149,8 +155,10 @@ def main() -> int:
               f"{r['p99']:>7.2f} {r['calls']:>12.1f}")
     by = {r["config"]: r for r in rows}
     for kind in [m.upper() for m in modes]:
-        ratio = by[f"{kind} continuous"]["answers_s"] / by[f"{kind} batch-1 one at a time"]["answers_s"]
-        print(f"{kind}: continuous batching answers {ratio:.2f}x as many requests per second as batch-1")
+        one = by[f"{kind} batch-1 one at a time"]["answers_s"]
+        print(f"{kind}: continuous batching answers {by[f'{kind} continuous']['answers_s'] / one:.2f}x as many "
+              f"requests per second as batch-1, {by[f'{kind} continuous, 2 replicas']['answers_s'] / one:.2f}x with "
+              f"2 replicas")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

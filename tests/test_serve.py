@@ -410,3 +410,71 @@ def test_engine_answers_equal_the_decoder_in_ar_and_diffusion_modes(mode):
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
     assert eng.slots.compiled_programs() == 1
+
+
+# ---- data-parallel replicas -------------------------------------------------------------------
+
+
+def test_replicas_answer_as_the_decoder_from_one_queue(cli_build):
+    """Two replicas on two (fake CPU) devices, one queue: each request's answer is the single decoder's, both
+    replicas serve, and each keeps its state on its own device."""
+    import jax
+
+    from pdjax.decode import DecodeConfig, DecodeOptions, Decoder
+    from pdjax.model.tokenizer import chat_prompt_ids
+    from pdjax.serve import Replicas
+
+    single, tokenizer, ids = cli_build
+    devices = jax.local_devices()[:2]
+    assert len(devices) == 2, "conftest gives the host 8 devices"
+    decoders = []
+    for device in devices:
+        args = decode_cli.build_parser().parse_args(["--prompt", "x", "--max_length", str(MAX_LENGTH)])
+        args.device = device
+        model = decode_cli.build(args, str(DEFAULT_MODEL))[0]
+        decoders.append(Decoder(model.forward, eos_id=single.eos_id, ids=ids,
+                                config=DecodeConfig(mode="pd", max_length=MAX_LENGTH, batch_size=2)))
+    pool = Replicas(decoders, devices, chunk=4, max_queue=16)
+    pool.warmup()
+    prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:8]]
+    pool.start()
+    try:
+        for options in (DecodeOptions(temperature=0.0), DecodeOptions(temperature=0.8, seed=11, steps_ratio=0.5)):
+            got = pool.generate(prompts, options, timeout=300)
+            want = single.generate(prompts, options)
+            assert [g.token_ids for g in got] == [w.token_ids for w in want]
+            assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
+    finally:
+        assert pool.shutdown(drain_timeout=60)
+    stats = pool.stats()
+    assert (stats["replicas"], stats["completed"], stats["running"], stats["waiting"]) == (2, 16, 0, 0)
+    assert all(e.counts["steps"] > 0 for e in pool.engines), "both replicas served requests"
+    for engine, device in zip(pool.engines, devices):
+        assert {d for leaf in jax.tree.leaves(engine._state) for d in leaf.devices()} == {device}
+
+
+def test_replicas_beyond_the_local_devices_is_a_one_line_error():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-m", "pdjax.serve", "--replicas", "3", "--port", "0"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "--replicas 3 needs 3 local devices; this host has 2" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_server_with_two_replicas_answers_as_the_cli(greedy):
+    s = start_server("--replicas", "2", "--chunk", "8")
+    try:
+        client = s.client()
+        with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = list(pool.map(lambda p: chat(client, p, temperature=0), PROMPTS))
+        assert [a.choices[0].message.content for a in answers] == [greedy[p]["text"] for p in PROMPTS]
+        health = json.loads(_get(s.url.removesuffix("/v1") + "/health"))
+        assert (health["replicas"], health["completed"], health["compiled_programs"]) == (2, len(PROMPTS), 1)
+        assert any("2 replicas x 4" in line for line in s.lines)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(30)

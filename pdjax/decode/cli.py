@@ -212,7 +212,7 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
         ids = None
     buckets = args.buckets or ()
     try:
-        model = load_pretrained(path)
+        model = load_pretrained(path, device=getattr(args, "device", None))  # serve --replicas: one per device
         if args.max_length is None:  # the positions the model was trained for, as the released decoder's 2048 at most
             args.max_length = default_max_length(model.config)
         config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,

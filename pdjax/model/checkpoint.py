@@ -295,11 +295,13 @@ def load_pretrained(
     rules: Rules | None = None,
     dtype: Any = None,
     param_dtype: Any = None,
+    device: jax.Device | None = None,
     **config_overrides: Any,
 ) -> DreamModel:
     """A DreamModel from a HF folder (config.json + safetensors), each parameter loaded straight into its sharding.
 
-    ``mesh``/``rules`` choose the sharding (default: one device). ``param_dtype``
+    ``mesh``/``rules`` choose the sharding (default: all on ``device``, else this process's first
+    device). ``param_dtype``
     defaults to the checkpoint's recorded dtype, ``dtype`` (compute) to ``param_dtype``.
     Other keyword arguments override `DreamConfig` fields (e.g. attention_impl, remat).
     """
@@ -320,7 +322,8 @@ def load_pretrained(
     if mesh is not None:
         shardings = state_shardings(abstract, mesh, config.axis_rules)
     else:
-        device = jax.local_devices()[0]  # this process's: on a multi-host launch jax.devices()[0] is host 0's
+        # this process's: on a multi-host launch jax.devices()[0] is host 0's
+        device = device if device is not None else jax.local_devices()[0]
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), abstract)
     flat_shardings = dict(nnx.to_flat_state(shardings))
     flat = dict(nnx.to_flat_state(abstract))

@@ -5,6 +5,6 @@ the OpenAI request/response models, `text` the answer and plan text of a respons
 as its tokens become final, `app` the thin FastAPI layer, `cli` the command.
 """
 
-from pdjax.serve.engine import Engine, EngineStopped, QueueFull, Ticket, Update
+from pdjax.serve.engine import Engine, EngineStopped, QueueFull, Replicas, Ticket, Update
 
-__all__ = ["Engine", "EngineStopped", "QueueFull", "Ticket", "Update"]
+__all__ = ["Engine", "EngineStopped", "QueueFull", "Replicas", "Ticket", "Update"]

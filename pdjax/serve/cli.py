@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd", help="decoding mode (default: pd)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="decode slots: requests decoded together (default: 8)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=8,
+                   help="decode slots per replica: requests decoded together (default: 8)")
+    p.add_argument("--replicas", type=POSITIVE_INT, default=1,
+                   help="data-parallel replicas: one copy of the model, its own --batch_size slots and its own thread "
+                   "per local device, all fed from one queue (default: 1). On a CPU the host gets that many devices "
+                   "(XLA's --xla_force_host_platform_device_count), which keeps more cores busy")
     p.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=None,
                    help="prompt + response tokens per request, as in pdjax.decode (default: the model's "
                    "max_position_embeddings, at most 2048)")
@@ -65,7 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main("pdjax.serve")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM / Ctrl+C; returns 0 after a clean shutdown, 2 on a usage error."""
-    return _serve(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    _host_devices(args.replicas)
+    return _serve(args)
+
+
+def _host_devices(replicas: int) -> None:
+    """Give the CPU platform `replicas` devices when JAX's backends have not started yet and XLA_FLAGS does not
+    say otherwise (XLA reads the flags when it creates a backend).
+
+    The flag applies to the host (CPU) platform only, so on a TPU or GPU host it changes nothing there.
+    """
+    import os
+
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)()
+    if replicas > 1 and "xla_force_host_platform_device_count" not in flags and not started:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={replicas}".strip()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,20 +102,42 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pdjax.serve.app import create_app
-    from pdjax.serve.engine import Engine
+    from pdjax.serve.engine import Engine, Replicas
 
     t0 = time.perf_counter()
     build_args = argparse.Namespace(model=args.model, mode=args.mode, max_length=args.max_length,
                                     batch_size=args.batch_size, max_spans=args.max_spans, buckets=args.buckets,
                                     profile=False)
-    decoder, tokenizer, _ = build(build_args, resolve_model(args.model, args.mode))
+    path = resolve_model(args.model, args.mode)
+    if args.replicas == 1:
+        decoder, tokenizer, _ = build(build_args, path)
+        engine: Engine | Replicas = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue,
+                                           static=args.batching == "static")
+    else:
+        import jax
+
+        devices = jax.local_devices()
+        if args.replicas > len(devices):
+            raise UserError(f"--replicas {args.replicas} needs {args.replicas} local devices; this host has "
+                            f"{len(devices)} ({devices[0].platform}). On a CPU, start with "
+                            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.replicas} (or without XLA_FLAGS "
+                            f"set: pdjax.serve then sets it)")
+        decoders = []
+        for device in devices[: args.replicas]:
+            with jax.default_device(device):
+                decoder, tokenizer, _ = build(argparse.Namespace(**{**vars(build_args), "device": device}), path)
+            decoders.append(decoder)
+        build_args.max_length = decoder.config.max_length
+        engine = Replicas(decoders, devices[: args.replicas], chunk=args.chunk, max_queue=args.max_queue,
+                          static=args.batching == "static")
     args.max_length = build_args.max_length  # the model's default when not given
     name = args.served_model_name or args.model or "pdjax-default"
     print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
-    engine = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue, static=args.batching == "static")
     seconds = engine.warmup()
+    replicas = f"{args.replicas} replicas x " if args.replicas > 1 else ""
     print(f"pdjax.serve: compiled the serving program in {seconds:.1f} s ({engine.slots.compiled_programs()} "
-          f"program; {args.batching} batches of {args.batch_size}, max_length {args.max_length}, chunk {args.chunk})", flush=True)
+          f"program{' per replica' if args.replicas > 1 else ''}; {args.batching} batches of {replicas}"
+          f"{args.batch_size}, max_length {args.max_length}, chunk {args.chunk})", flush=True)
 
     try:
         sock = socket.create_server((args.host, args.port), family=_family(args.host))

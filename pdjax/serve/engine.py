@@ -16,6 +16,7 @@ thread after `start`, or the caller's in tests and `generate`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -109,10 +110,12 @@ class Engine:
     batching is measured against in `benchmarks/serve_load.py`).
     """
 
-    def __init__(self, decoder: Decoder, *, chunk: int = 16, max_queue: int = 1024, static: bool = False):
+    def __init__(self, decoder: Decoder, *, chunk: int = 16, max_queue: int = 1024, static: bool = False,
+                 device: Any = None, _shared: tuple[collections.deque, threading.Condition, Callable[[], int]] | None = None):
         if chunk < 1 or max_queue < 0:
             raise ValueError(f"chunk must be >= 1 and max_queue >= 0, got {chunk} and {max_queue}")
         self.decoder = decoder
+        self.device = device  # the JAX device this engine's calls run on (None: the default one)
         self.config = decoder.config
         self.chunk = chunk
         self.max_queue = max_queue
@@ -124,8 +127,12 @@ class Engine:
         self._knobs = stack_knobs([self._blank] * b)
         self._tokens = np.zeros((b, width), np.int32)
         self._rows: list[Ticket | None] = [None] * b
-        self._queue: collections.deque[Ticket] = collections.deque()
-        self._cond = threading.Condition()
+        if _shared is None:
+            self._queue: collections.deque[Ticket] = collections.deque()
+            self._cond = threading.Condition()
+            self._capacity: Callable[[], int] = self._free_slots
+        else:  # a replica of `Replicas`: one queue (and its lock) for all, free slots counted over all
+            self._queue, self._cond, self._capacity = _shared
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
         self._state: Any = None
@@ -146,7 +153,7 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and accepts no new requests")
-            if len(self._queue) >= self.max_queue + self._free_slots():
+            if len(self._queue) >= self.max_queue + self._capacity():
                 self.counts["rejected"] += 1
                 raise QueueFull(f"{len(self._queue)} requests are waiting already (max_queue {self.max_queue})")
             ticket = Ticket(next(self._ids), ids, options, knobs, on_update)
@@ -194,12 +201,20 @@ class Engine:
     def warmup(self) -> float:
         """Compile the program (one call that admits nothing); returns the seconds it took."""
         t0 = time.perf_counter()
-        with self._step_lock:
+        with self._step_lock, self._on_device():
             self._ensure_state()
             b = self.config.batch_size
             self._state, _ = self.slots.advance(self._state, np.zeros(b, bool), self._tokens, np.zeros(b, np.int32),
                                                 self._knobs, 0)
         return time.perf_counter() - t0
+
+    def _on_device(self) -> Any:
+        """Run JAX calls on this engine's device (JAX's default-device setting is per thread)."""
+        if self.device is None:
+            return contextlib.nullcontext()
+        import jax
+
+        return jax.default_device(self.device)
 
     def _ensure_state(self) -> None:
         if self._state is None:
@@ -208,7 +223,7 @@ class Engine:
     def step(self) -> bool:
         """One device call if any request is running or waiting: refill free slots, run a chunk, hand out
         updates. Returns whether it ran."""
-        with self._step_lock:
+        with self._step_lock, self._on_device():
             self._ensure_state()
             b = self.config.batch_size
             admit = np.zeros(b, bool)
@@ -360,6 +375,100 @@ class Engine:
         return drained
 
 
+class Replicas:
+    """Data-parallel serving: one `Engine` per device, all fed from one FIFO queue.
+
+    Each replica holds the whole model on its own device and serves `batch_size` slots of its own
+    with its own thread. A request goes to whichever replica frees a slot first, and its answer is the
+    one a single engine gives (each replica runs the same program). This is how a model that fits one
+    chip is served on a multi-chip host; on a CPU, host devices
+    (`--xla_force_host_platform_device_count`) keep more cores busy than one program's threads do
+    (`benchmarks/serve_engine.py`). The interface is `Engine`'s.
+    """
+
+    def __init__(self, decoders: Sequence[Decoder], devices: Sequence[Any], *, chunk: int = 16,
+                 max_queue: int = 1024, static: bool = False):
+        if not decoders or len(decoders) != len(devices):
+            raise ValueError(f"one decoder per device is needed, got {len(decoders)} and {len(devices)}")
+        queue: collections.deque[Ticket] = collections.deque()
+        cond = threading.Condition()
+        shared = (queue, cond, self._free_slots)
+        self.engines = [Engine(d, chunk=chunk, max_queue=max_queue, static=static, device=dev, _shared=shared)
+                        for d, dev in zip(decoders, devices)]
+        self._queue, self._cond = queue, cond
+        self.decoder = self.engines[0].decoder
+        self.config = self.engines[0].config
+        self.slots = self.engines[0].slots
+        self.max_queue = max_queue
+
+    def _free_slots(self) -> int:
+        return sum(e._free_slots() for e in self.engines)
+
+    def submit(self, prompt_ids: Sequence[int], options: DecodeOptions = DecodeOptions(),
+               on_update: Callable[[Update], None] | None = None) -> Ticket:
+        """Queue a request for the first replica with a free slot (`Engine.submit`'s errors)."""
+        return self.engines[0].submit(prompt_ids, options, on_update)
+
+    def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions = DecodeOptions(),
+                 timeout: float = 600.0) -> list[DecodeResult]:
+        """Serve every prompt and return results in prompt order (replicas stepped in turn on this thread
+        unless `start` was called)."""
+        if len(prompts) > self.max_queue + self._free_slots():
+            raise QueueFull(f"{len(prompts)} prompts exceed max_queue + free slots")
+        tickets = [self.submit(p, options) for p in prompts]
+        deadline = time.monotonic() + timeout
+        while not all(t.done for t in tickets):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompts not answered within {timeout} s")
+            if self.engines[0]._thread is None:
+                for e in self.engines:
+                    e.step()
+            else:
+                time.sleep(0.005)
+        return [t.wait(0) for t in tickets]
+
+    def stats(self) -> dict[str, int]:
+        """`Engine.stats` summed over the replicas; compiled programs per replica, and the replica count."""
+        per = [e.stats() for e in self.engines]
+        out = {k: sum(p[k] for p in per) for k in ("running", "submitted", "completed", "cancelled", "rejected",
+                                                     "failed", "steps")}
+        out["waiting"] = per[0]["waiting"]
+        out["compiled_programs"] = max(p["compiled_programs"] for p in per)
+        out["replicas"] = len(self.engines)
+        return out
+
+    @property
+    def idle(self) -> bool:
+        """No request running on any replica, none waiting."""
+        return all(e.idle for e in self.engines)
+
+    def warmup(self) -> float:
+        """Compile every replica's program; returns the seconds it took."""
+        return sum(e.warmup() for e in self.engines)
+
+    def start(self) -> None:
+        """Serve on one background thread per replica until `shutdown`."""
+        for e in self.engines:
+            e.start()
+
+    def stop_accepting(self) -> None:
+        """New submissions raise EngineStopped; requests already submitted are still served."""
+        for e in self.engines:
+            e.stop_accepting()
+
+    def shutdown(self, drain_timeout: float = 30.0) -> bool:
+        """Stop accepting, let every replica serve what was submitted for up to `drain_timeout` s in all,
+        cancel the rest, stop the threads. Returns whether everything was served."""
+        self.stop_accepting()
+        deadline = time.monotonic() + drain_timeout
+        while not self.idle and time.monotonic() < deadline and self.engines[0]._thread is not None:
+            time.sleep(0.01)
+        drained = True
+        for e in self.engines:
+            drained &= e.shutdown(max(0.0, deadline - time.monotonic()))
+        return drained
+
+
 def _set_row(buf: np.ndarray | Any, i: int, row: Any) -> None:
     """buf[i] = row for a knob leaf, or for each leaf of a knob pytree (SamplingParams)."""
     if isinstance(buf, np.ndarray):
@@ -369,4 +478,4 @@ def _set_row(buf: np.ndarray | Any, i: int, row: Any) -> None:
             _set_row(b, i, r)
 
 
-__all__ = ["DecodeInputError", "Engine", "EngineStopped", "QueueFull", "Ticket", "Update"]
+__all__ = ["DecodeInputError", "Engine", "EngineStopped", "QueueFull", "Replicas", "Ticket", "Update"]
