@@ -234,3 +234,36 @@ def test_the_guard_turns_sigint_into_a_stop_request_and_restores_the_handlers():
         assert guard.should_stop(2)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
+
+
+def test_a_ctrl_c_inside_a_gc_callback_is_sent_again_not_lost(monkeypatch):
+    """Python swallows an exception raised in a gc callback: the setup handler re-sends SIGINT from there."""
+    import gc
+    import sys as _sys
+
+    from pdjax.train import cli
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(cli.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    outcome: list[str] = []
+
+    def callback(phase, info):
+        if phase == "start" and not outcome:
+            try:
+                cli.setup_interrupt(signal.SIGINT, _sys._getframe())
+                outcome.append("returned")
+            except KeyboardInterrupt:
+                outcome.append("raised")
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert outcome == ["returned"]
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [(os.getpid(), signal.SIGINT)]
+    with pytest.raises(KeyboardInterrupt):  # anywhere else: at once, as Python's default handler
+        cli.setup_interrupt(signal.SIGINT, _sys._getframe())

@@ -8,9 +8,13 @@ and prints only on the first host.
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import shlex
+import signal
 import sys
-from typing import Sequence
+import threading
+from typing import Any, Sequence
 
 from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main
@@ -86,12 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log:
             log(f"exported step {int(trainer.state.step)} ({len(names)} weight file(s)) to {args.export}")
         return 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, setup_interrupt) if main_thread else None
     try:
         trainer = train(cfg, resume=args.resume, log=log)
     except KeyboardInterrupt:  # Ctrl-C outside the loop (setup, export): the loop's own handlers were not in place
         if log:
             log("interrupted outside the training loop: nothing to save, checkpoints are as they were")
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     stopped = trainer.stopped
     if stopped is not None and log:
         if stopped.checkpoint_dir is None:
@@ -100,6 +109,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"stopped by {stopped.reason} at step {stopped.step}, saved to {stopped.checkpoint_dir}; resume with:")
             log("  " + resume_command(sys.argv[1:] if argv is None else argv))
     return 0
+
+
+def setup_interrupt(signum: int, frame: Any) -> None:
+    """SIGINT before (or after) the training loop: KeyboardInterrupt, as Python's default handler raises it.
+
+    Python raises a signal handler's exception in whatever code runs when the signal is handled. Inside
+    a garbage-collector callback (JAX registers one) it prints "Exception ignored" and goes on, and the
+    Ctrl-C would be lost. Such a SIGINT is sent again a moment later instead.
+    """
+    if in_gc_callback(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    raise KeyboardInterrupt
+
+
+def in_gc_callback(frame: Any) -> bool:
+    """Whether `frame` runs inside one of `gc.callbacks` (at any depth)."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def resume_command(argv: Sequence[str]) -> str:
