@@ -170,16 +170,7 @@ class Engine:
         """Serve every prompt and return results in prompt order (steps on this thread unless `start` was called)."""
         if len(prompts) > self.max_queue + self.config.batch_size:
             raise QueueFull(f"{len(prompts)} prompts exceed max_queue + batch_size")
-        tickets = [self.submit(p, options) for p in prompts]
-        deadline = time.monotonic() + timeout
-        while not all(t.done for t in tickets):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prompts not answered within {timeout} s")
-            if self._thread is None:
-                self.step()
-            else:
-                time.sleep(0.005)
-        return [t.wait(0) for t in tickets]
+        return _answer_all(self.submit, self.step, lambda: self._thread is not None, prompts, options, timeout)
 
     def stats(self) -> dict[str, int]:
         """Requests running, waiting, and counted so far; compiled programs."""
@@ -415,17 +406,8 @@ class Replicas:
         unless `start` was called)."""
         if len(prompts) > self.max_queue + self._free_slots():
             raise QueueFull(f"{len(prompts)} prompts exceed max_queue + free slots")
-        tickets = [self.submit(p, options) for p in prompts]
-        deadline = time.monotonic() + timeout
-        while not all(t.done for t in tickets):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prompts not answered within {timeout} s")
-            if self.engines[0]._thread is None:
-                for e in self.engines:
-                    e.step()
-            else:
-                time.sleep(0.005)
-        return [t.wait(0) for t in tickets]
+        return _answer_all(self.submit, lambda: [e.step() for e in self.engines],
+                           lambda: self.engines[0]._thread is not None, prompts, options, timeout)
 
     def stats(self) -> dict[str, int]:
         """`Engine.stats` summed over the replicas; compiled programs per replica, and the replica count."""
@@ -467,6 +449,21 @@ class Replicas:
         for e in self.engines:
             drained &= e.shutdown(max(0.0, deadline - time.monotonic()))
         return drained
+
+
+def _answer_all(submit: Callable[..., Ticket], step: Callable[[], Any], threaded: Callable[[], bool],
+                prompts: Sequence[Sequence[int]], options: DecodeOptions, timeout: float) -> list[DecodeResult]:
+    """Submit every prompt, then step on this thread (or wait for the engine threads) until all are answered."""
+    tickets = [submit(p, options) for p in prompts]
+    deadline = time.monotonic() + timeout
+    while not all(t.done for t in tickets):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"prompts not answered within {timeout} s")
+        if threaded():
+            time.sleep(0.005)
+        else:
+            step()
+    return [t.wait(0) for t in tickets]
 
 
 def _set_row(buf: np.ndarray | Any, i: int, row: Any) -> None:
