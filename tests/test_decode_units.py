@@ -199,16 +199,28 @@ def test_grammar_matches_the_documented_rules():
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, -1, -(2**31), 2**32 + 7])
 def test_host_knobs_equal_make_knobs(seed):
-    """The server's NumPy knobs (no JAX dispatch) are make_knobs' leaf for leaf, the raw key included."""
-    from pdjax.decode.decoder import DecodeOptions, host_knobs, make_knobs
+    """The server's NumPy knobs (no JAX dispatch) and make_knobs equal knobs built with JAX's own scalars and
+    PRNG key, leaf for leaf, the raw key included."""
+    from pdjax.decode.decoder import DecodeOptions, Knobs, host_knobs, make_knobs
 
     for options in (DecodeOptions(seed=seed),
                     DecodeOptions(seed=seed, temperature=0.7, top_p=None, top_k=5, alg="topk_margin",
                                   confidence_threshold=0.9, dense=True, steps_ratio=0.25, length_scale=7.5,
                                   max_new_tokens=33)):
-        want = make_knobs(options, 96)
-        want = jax.tree.map(np.asarray, want._replace(key=jax.random.key_data(want.key)))
+        want = Knobs(
+            SamplingParams.make(options.temperature, options.top_p, options.top_k, options.alg),
+            jnp.float32(-1.0 if options.confidence_threshold is None else options.confidence_threshold),
+            jnp.bool_(options.dense),
+            jnp.asarray(sch.steps_table(96, options.steps_ratio)),
+            jnp.asarray(lay.length_table(options.length_scale)),
+            jax.random.key_data(jax.random.key(options.seed)),
+            jnp.int32(96 if options.max_new_tokens is None else options.max_new_tokens),
+        )
         got = host_knobs(options, 96)
-        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        made = make_knobs(options, 96)
+        made = made._replace(key=jax.random.key_data(made.key))
+        for w, g, m in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(made), strict=True):
             assert isinstance(g, np.ndarray) and g.dtype == w.dtype and g.shape == w.shape
-            np.testing.assert_array_equal(g, w)
+            assert isinstance(m, jax.Array) and m.dtype == w.dtype and m.shape == w.shape
+            np.testing.assert_array_equal(g, np.asarray(w))
+            np.testing.assert_array_equal(np.asarray(m), np.asarray(w))

@@ -165,16 +165,9 @@ def per_row(knobs: Knobs, batch: int) -> Knobs:
 
 
 def make_knobs(options: DecodeOptions, max_length: int) -> Knobs:
-    """Knobs for one run: host-side tables in Python arithmetic (as the reference), traced scalars."""
-    return Knobs(
-        SamplingParams.make(options.temperature, options.top_p, options.top_k, options.alg),
-        jnp.float32(-1.0 if options.confidence_threshold is None else options.confidence_threshold),
-        jnp.bool_(options.dense),
-        jnp.asarray(sch.steps_table(max_length, options.steps_ratio)),
-        jnp.asarray(lay.length_table(options.length_scale)),
-        jax.random.key(options.seed),
-        jnp.int32(max_length if options.max_new_tokens is None else options.max_new_tokens),
-    )
+    """Knobs for one run: `host_knobs` (tables in Python arithmetic, as the reference) as JAX arrays, the key typed."""
+    knobs = host_knobs(options, max_length)
+    return jax.tree.map(jnp.asarray, knobs._replace(key=None))._replace(key=jax.random.wrap_key_data(knobs.key))
 
 
 class Rows(NamedTuple):
@@ -738,10 +731,10 @@ class SlotView(NamedTuple):
 
 
 def host_knobs(options: DecodeOptions, max_length: int) -> Knobs:
-    """`make_knobs` with NumPy leaves and the key as its raw data: one request's row of a serving batch.
+    """The knobs of `options` with NumPy leaves and the key as its raw data: one request's row of a serving batch.
 
     Built in NumPy without a JAX dispatch (the server builds one per request on its event loop);
-    equal leaf for leaf to `make_knobs` (tests/test_decode_units.py).
+    `make_knobs` is the same as JAX arrays (tests/test_decode_units.py checks both against JAX's own).
     """
     SamplingParams.check(options.temperature, options.top_p, options.top_k, options.alg)
     return Knobs(
