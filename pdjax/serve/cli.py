@@ -127,10 +127,9 @@ def _serve(args: argparse.Namespace) -> int:
             with jax.default_device(device):
                 decoder, tokenizer, _ = build(argparse.Namespace(**{**vars(build_args), "device": device}), path)
             decoders.append(decoder)
-        build_args.max_length = decoder.config.max_length
         engine = Replicas(decoders, devices[: args.replicas], chunk=args.chunk, max_queue=args.max_queue,
                           static=args.batching == "static")
-    args.max_length = build_args.max_length  # the model's default when not given
+    args.max_length = engine.config.max_length  # the model's default when not given
     name = args.served_model_name or args.model or "pdjax-default"
     print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
     seconds = engine.warmup()
