@@ -135,20 +135,22 @@ def test_unneeded_rows_do_not_force_the_sort():
     assert np.array_equal(got, np.asarray(fast))  # the flat rows kept the window's cut: no sort ran
 
 
-@pytest.mark.parametrize("undecided", [0, 1, 3, 4, 5, 16])
+@pytest.mark.parametrize("undecided", [0, 1, 3, 4, 5, 16, 17, 64, 65, 120])
 def test_only_undecided_rows_are_sorted_and_equal_the_sort(undecided):
-    """1, up to 4, or all rows go to the sort (the others keep the window's cut): the same logits either way."""
+    """The undecided rows go to the sort in groups of 1, 4, 16, 64 or all (the others keep the window's cut):
+    the same logits either way, at each group size and one past it."""
     cases = logits_cases(1280)
     params = SamplingParams.make(0.0, 0.95)
 
     def left(x: np.ndarray) -> np.ndarray:
         return ~np.asarray(jax.jit(sampling._nucleus_window)(jnp.asarray(x), params)[1])
 
-    # nuclei of ~100 tokens: beyond the window
-    moderate = cases["moderate"].reshape(-1, 1280)
-    hard = moderate[left(moderate)][:undecided]
-    x = np.array(cases["peaked"][0])  # [16, V]
-    rows = np.random.default_rng(undecided).permutation(16)[:undecided]
+    # nuclei of ~100 tokens or more: beyond the window
+    pool = np.concatenate([cases["moderate"].reshape(-1, 1280), cases["flat"].reshape(-1, 1280)])
+    hard = pool[left(pool)][:undecided]
+    assert len(hard) == undecided
+    x = np.concatenate([cases["peaked"].reshape(-1, 1280)] * 2)  # [128, V]
+    rows = np.random.default_rng(undecided).permutation(128)[:undecided]
     x[rows] = hard
     assert left(x).sum() == undecided
     assert np.array_equal(np.asarray(FILTER(jnp.asarray(x), params)), np.asarray(SORTED(jnp.asarray(x), params)))

@@ -108,14 +108,15 @@ def _nucleus_top_k(logits: jax.Array, params: SamplingParams, needed: jax.Array)
 
 
 def _sort_rows(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array) -> jax.Array:
-    """``filtered`` with the rows not ``done`` replaced by the sort's; only those rows (1, 4 or all) are sorted."""
+    """``filtered`` with the rows not ``done`` replaced by the sort's; only those rows (in a group of 1, 4, 16, 64
+    or all rows) are sorted, so a batch of serving rows with a few flat distributions never sorts every row."""
     vocab = logits.shape[-1]
     flat, out, todo = logits.reshape(-1, vocab), filtered.reshape(-1, vocab), ~done.reshape(-1)
     n = flat.shape[0]
     knob = lambda k: jnp.broadcast_to(_per_row(k, logits.ndim), logits.shape[:-1] + (1,)).reshape(-1)  # noqa: E731
     top_p, top_k = knob(params.top_p), knob(params.top_k)
     order = jnp.argsort(done.reshape(-1), stable=True)  # the rows to sort first
-    sizes = sorted({min(1, n), min(4, n), n})
+    sizes = sorted({min(s, n) for s in (1, 4, 16, 64)} | {n})
 
     def sort_first(size: int, out: jax.Array) -> jax.Array:
         at = order[:size]
