@@ -478,3 +478,40 @@ def test_a_server_with_two_replicas_answers_as_the_cli(greedy):
         if s.proc.poll() is None:
             s.proc.kill()
             s.proc.wait(30)
+
+
+# ---- iteration schedules ----------------------------------------------------------------------
+
+
+def test_schedule_auto_is_split_on_a_cpu_and_shared_on_an_accelerator():
+    from pdjax.decode.decoder import resolve_schedule
+
+    assert [resolve_schedule("auto", p) for p in ("cpu", "tpu", "gpu")] == ["split", "shared", "shared"]
+    assert [resolve_schedule(s, "tpu") for s in ("split", "shared")] == ["split", "shared"]
+    with pytest.raises(ValueError, match="unknown schedule 'fast'"):
+        resolve_schedule("fast", "cpu")
+
+
+def test_shared_schedule_answers_equal_the_decoder_and_lowers_for_tpu(cli_build):
+    """One call per iteration over every slot (the accelerator default): the same answers and calls as the CLI's
+    decoder, one compiled program, and a serving program that exports for TPU under either schedule."""
+    from pdjax.decode import DecodeConfig, DecodeOptions, Decoder
+    from pdjax.model.tokenizer import chat_prompt_ids
+    from pdjax.serve import Engine
+
+    single, tokenizer, ids = cli_build
+    decoder = Decoder(single.forward, eos_id=single.eos_id, ids=ids,
+                      config=DecodeConfig(mode="pd", max_length=MAX_LENGTH, batch_size=3))
+    eng = Engine(decoder, chunk=5, schedule="shared")
+    assert eng.slots.schedule == "shared" and Engine(decoder).slots.schedule == "split"  # auto, on this CPU
+    prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:5]]
+    for options in (DecodeOptions(temperature=0.0),
+                    DecodeOptions(temperature=0.8, seed=7, steps_ratio=0.5, confidence_threshold=0.5)):
+        got = eng.generate(prompts, options)
+        want = single.generate(prompts, options)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
+    assert eng.slots.compiled_programs() == 1
+    for schedule in ("shared", "split"):
+        mlir = Engine(decoder, schedule=schedule).slots.export(["tpu"]).mlir_module()
+        assert "while" in mlir

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -692,10 +692,14 @@ class _Program:
         return jax.tree.map(pick, empty, cache, _cache_batch_axes(s.make_cache, s.length))
 
     def serve(self, state: State, params: Any, admit: jax.Array, prompt_tokens: jax.Array, prompt_len: jax.Array,
-              knobs: Knobs, iterations: jax.Array, until_finish: jax.Array) -> tuple[State, "SlotView"]:
-        """One device call of a serving engine: refill the admitted rows, run a chunk, and return what the host reads."""
+              knobs: Knobs, iterations: jax.Array, until_finish: jax.Array,
+              split: bool = False) -> tuple[State, "SlotView"]:
+        """One device call of a serving engine: refill the admitted rows, run a chunk, and return what the host reads.
+
+        ``split`` iterates with `split_step` (the `split` schedule); otherwise every iteration is one
+        `step` over all rows (the `shared` schedule)."""
         state = self.chunk(self.refill(state, admit, prompt_tokens, prompt_len, knobs), params, knobs, iterations,
-                           until_finish, split=self.s.config.batch_size > 1)
+                           until_finish, split=split)
         r = state.rows
         # what is final: everything written, except a group still being denoised (its masks)
         final = jnp.where(r.phase == DENOISE, jnp.maximum(r.group_start, r.prompt_len), r.n)
@@ -728,6 +732,15 @@ class SlotView(NamedTuple):
     groups: jax.Array
     spans: jax.Array
     iteration: jax.Array  # loop iterations since the slots were created (all rows)
+
+
+def _platform(params: Any) -> str:
+    """The platform ("cpu", "tpu", "gpu") the parameters live on (JAX's default backend if none says)."""
+    for leaf in jax.tree.leaves(params):
+        devices = getattr(leaf, "devices", None)
+        if callable(devices):
+            return next(iter(devices())).platform
+    return jax.default_backend()
 
 
 def host_knobs(options: DecodeOptions, max_length: int) -> Knobs:
@@ -778,24 +791,46 @@ def stack_knobs(rows: list[Knobs]) -> Knobs:
     return jax.tree.map(lambda *xs: np.stack(xs), *rows)
 
 
+SCHEDULES = ("auto", "split", "shared")
+
+
+def resolve_schedule(schedule: str, platform: str) -> str:
+    """`auto` is `split` on a CPU and `shared` on an accelerator; `split` and `shared` stay as they are.
+
+    On a CPU a wide call (prefill, denoising round, commit) is compute-bound even for one row, so
+    padding other rows to its width costs more than sharing the call saves (docs/serve_throughput.md);
+    on a TPU or GPU a call of a few rows costs about what one row's call costs (launch and weight reads),
+    so one call per iteration over every row is what batching buys.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if schedule == "auto":
+        return "split" if platform == "cpu" else "shared"
+    return schedule
+
+
 class Slots:
     """The decoder as B fixed slots, refilled by the host between bounded chunks of loop iterations.
 
     This is continuous batching (JetStream's decode slots): a request does not wait for
     the batch to finish. Each `advance` is one device call and one host sync: rows the
     host admits start their prefill inside that call's chunk, and the chunk runs at
-    most `iterations` iterations. With more than one slot an iteration is
-    `_Program.split_step`: a row that prefills, denoises or commits makes its own
-    batch-1 call at its own width (sampling only its masked positions), and the plan
-    steps of all rows share one width-1 call, so no row is padded to a neighbour's window. One compiled program serves every prompt length,
+    most `iterations` iterations. How an iteration serves the rows is the ``schedule``
+    (`resolve_schedule`): ``shared`` makes one call over every row at the widest row's
+    window (the `Decoder`'s iteration); ``split`` (`_Program.split_step`) lets a row that
+    prefills, denoises or commits make its own batch-1 call at its own width (sampling
+    only its masked positions) while the plan steps of all rows share one width-1 call,
+    so no row is padded to a neighbour's window. One compiled program serves every prompt length,
     knob value and chunk length (`compiled_programs` counts them). A row's answer is
-    the `Decoder`'s for the same prompt and options: its randomness comes from its own
-    seed and call count, never from its neighbours or the chunking.
+    the `Decoder`'s for the same prompt and options under either schedule: its randomness
+    comes from its own seed and call count, never from its neighbours or the chunking.
     """
 
-    def __init__(self, forward: Any, *, eos_id: int, ids: ControlIds | None, config: DecodeConfig, vocab_size: int):
+    def __init__(self, forward: Any, *, eos_id: int, ids: ControlIds | None, config: DecodeConfig, vocab_size: int,
+                 schedule: str = "auto"):
         self.config = config
         self.forward = forward
+        self.schedule = resolve_schedule(schedule, _platform(forward.params))
         static = _Static(config, forward.apply, forward.make_cache, int(eos_id), ids, int(vocab_size), None)
         self._program = _Program(static)
         self._serve = jax.jit(self._serve_raw, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
@@ -806,7 +841,9 @@ class Slots:
     def _serve_raw(self, state: State, params: Any, admit: jax.Array, prompt_tokens: jax.Array,
                    prompt_len: jax.Array, knobs: Knobs, iterations: jax.Array, until_finish: jax.Array):
         knobs = knobs._replace(key=jax.random.wrap_key_data(knobs.key))
-        return self._program.serve(state, params, admit, prompt_tokens, prompt_len, knobs, iterations, until_finish)
+        split = self.schedule == "split" and self.config.batch_size > 1
+        return self._program.serve(state, params, admit, prompt_tokens, prompt_len, knobs, iterations, until_finish,
+                                   split=split)
 
     def empty(self) -> State:
         """Slots with no request (every row done) and an empty KV cache.
@@ -827,6 +864,16 @@ class Slots:
         state, view = self._serve(state, params, np.asarray(admit, bool), np.asarray(prompt_tokens, np.int32),
                                   np.asarray(prompt_len, np.int32), knobs, np.int32(iterations), np.bool_(until_finish))
         return state, jax.device_get(view)
+
+    def export(self, platforms: Sequence[str] = ("tpu",), iterations: int = 4) -> Any:
+        """The serving program (refill + chunk) lowered for `platforms` (a `jax.export.Exported`), e.g. to check
+        that the schedule lowers for TPU."""
+        c = self.config
+        b = c.batch_size
+        knobs = stack_knobs([host_knobs(DecodeOptions(), c.max_length)] * b)
+        return jax.export.export(self._serve, platforms=list(platforms))(
+            self._empty(), self.forward.params, np.ones(b, bool), np.zeros((b, c.max_length + 1), np.int32),
+            np.ones(b, np.int32), knobs, np.int32(iterations), np.bool_(False))
 
     def compiled_programs(self) -> int:
         """Programs compiled for `advance` so far (one; requests, knobs and chunk lengths never add any)."""

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous: a finished request's slot is refilled between chunks; static: new requests wait "
                    "until the whole batch has finished (a baseline for benchmarks) (default: continuous)")
+    p.add_argument("--schedule", choices=("auto", "split", "shared"), default="auto",
+                   help="how one decoding iteration serves the slots: shared makes one model call over every slot at "
+                   "the widest slot's window; split gives each prefilling, denoising or committing slot its own call "
+                   "and lets the plan steps share one. auto: split on a CPU (compute-bound, where padding a slot to "
+                   "its neighbour's window costs more than sharing saves), shared on a TPU or GPU (default: auto)")
     p.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="most promises per plan round (default: 16)")
     p.add_argument("--buckets", type=_buckets, default=None,
                    help="comma-separated static call widths (default: powers of two)")
@@ -112,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.replicas == 1:
         decoder, tokenizer, _ = build(build_args, path)
         engine: Engine | Replicas = Engine(decoder, chunk=args.chunk, max_queue=args.max_queue,
-                                           static=args.batching == "static")
+                                           static=args.batching == "static", schedule=args.schedule)
     else:
         import jax
 
@@ -128,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
                 decoder, tokenizer, _ = build(argparse.Namespace(**{**vars(build_args), "device": device}), path)
             decoders.append(decoder)
         engine = Replicas(decoders, devices[: args.replicas], chunk=args.chunk, max_queue=args.max_queue,
-                          static=args.batching == "static")
+                          static=args.batching == "static", schedule=args.schedule)
     args.max_length = engine.config.max_length  # the model's default when not given
     name = args.served_model_name or args.model or "pdjax-default"
     print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
@@ -136,7 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
     replicas = f"{args.replicas} replicas x " if args.replicas > 1 else ""
     print(f"pdjax.serve: compiled the serving program in {seconds:.1f} s ({engine.slots.compiled_programs()} "
           f"program{' per replica' if args.replicas > 1 else ''}; {args.batching} batches of {replicas}"
-          f"{args.batch_size}, max_length {args.max_length}, chunk {args.chunk})", flush=True)
+          f"{args.batch_size}, max_length {args.max_length}, chunk {args.chunk}, schedule {engine.slots.schedule})",
+          flush=True)
 
     try:
         sock = socket.create_server((args.host, args.port), family=_family(args.host))

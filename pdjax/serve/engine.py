@@ -107,11 +107,13 @@ class Engine:
     ``chunk`` bounds the loop iterations per device call (the host sees results and refills
     slots between chunks); ``max_queue`` bounds the requests waiting for a slot. ``static``
     admits requests only when every slot is free (static batches: the baseline that continuous
-    batching is measured against in `benchmarks/serve_load.py`).
+    batching is measured against in `benchmarks/serve_load.py`). ``schedule`` is how one loop
+    iteration serves the slots (`pdjax.decode.decoder.resolve_schedule`: ``auto``, ``split`` or ``shared``).
     """
 
     def __init__(self, decoder: Decoder, *, chunk: int = 16, max_queue: int = 1024, static: bool = False,
-                 device: Any = None, _shared: tuple[collections.deque, threading.Condition, Callable[[], int]] | None = None):
+                 schedule: str = "auto", device: Any = None,
+                 _shared: tuple[collections.deque, threading.Condition, Callable[[], int]] | None = None):
         if chunk < 1 or max_queue < 0:
             raise ValueError(f"chunk must be >= 1 and max_queue >= 0, got {chunk} and {max_queue}")
         self.decoder = decoder
@@ -121,7 +123,7 @@ class Engine:
         self.max_queue = max_queue
         self.static = static
         self.slots = Slots(decoder.forward, eos_id=decoder.eos_id, ids=decoder.ids, config=decoder.config,
-                           vocab_size=decoder.vocab_size)
+                           vocab_size=decoder.vocab_size, schedule=schedule)
         b, width = self.config.batch_size, self.config.max_length + 1
         self._blank = host_knobs(DecodeOptions(), self.config.max_length)
         self._knobs = stack_knobs([self._blank] * b)
@@ -378,13 +380,14 @@ class Replicas:
     """
 
     def __init__(self, decoders: Sequence[Decoder], devices: Sequence[Any], *, chunk: int = 16,
-                 max_queue: int = 1024, static: bool = False):
+                 max_queue: int = 1024, static: bool = False, schedule: str = "auto"):
         if not decoders or len(decoders) != len(devices):
             raise ValueError(f"one decoder per device is needed, got {len(decoders)} and {len(devices)}")
         queue: collections.deque[Ticket] = collections.deque()
         cond = threading.Condition()
         shared = (queue, cond, self._free_slots)
-        self.engines = [Engine(d, chunk=chunk, max_queue=max_queue, static=static, device=dev, _shared=shared)
+        self.engines = [Engine(d, chunk=chunk, max_queue=max_queue, static=static, schedule=schedule, device=dev,
+                               _shared=shared)
                         for d, dev in zip(decoders, devices)]
         self._queue, self._cond = queue, cond
         self.decoder = self.engines[0].decoder
