@@ -40,6 +40,17 @@ PROMPTS = HELDOUT[:6]
 # ---- the reference: the decode CLI ---------------------------------------------------------
 
 
+def assert_answers_equal(eng, single, prompts: list[list[int]], options_list: list) -> None:
+    """The engine's answers and call counts are the single (batch-1) decoder's under every options set, and the
+    engine compiled one program for all of them."""
+    for options in options_list:
+        got = eng.generate(prompts, options)
+        want = single.generate(prompts, options)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
+    assert eng.slots.compiled_programs() == 1
+
+
 @pytest.fixture(scope="module")
 def cli_build():
     """The CLI's own `build` (batch size 1), run once: later CLI runs reuse it (knobs are traced: no recompile)."""
@@ -277,14 +288,10 @@ def test_engine_answers_equal_the_decoder_with_one_program(engine, cli_build):
     eng, tokenizer = engine
     single = cli_build[0]
     prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:6]]
-    for options in (DecodeOptions(temperature=0.0), DecodeOptions(temperature=1.0, top_p=None, seed=3, dense=True),
-                    DecodeOptions(temperature=0.5, steps_ratio=0.5, alg="topk_margin", seed=9, max_new_tokens=50),
-                    DecodeOptions(temperature=0.3, confidence_threshold=0.6, seed=5)):
-        got = eng.generate(prompts, options)
-        want = single.generate(prompts, options)
-        assert [g.token_ids for g in got] == [w.token_ids for w in want]
-        assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
-    assert eng.slots.compiled_programs() == 1
+    assert_answers_equal(eng, single, prompts, [
+        DecodeOptions(temperature=0.0), DecodeOptions(temperature=1.0, top_p=None, seed=3, dense=True),
+        DecodeOptions(temperature=0.5, steps_ratio=0.5, alg="topk_margin", seed=9, max_new_tokens=50),
+        DecodeOptions(temperature=0.3, confidence_threshold=0.6, seed=5)])
 
 
 @pytest.fixture
@@ -403,13 +410,8 @@ def test_engine_answers_equal_the_decoder_in_ar_and_diffusion_modes(mode):
                       config=DecodeConfig(mode=mode, max_length=96, batch_size=3))
     eng = Engine(decoder, chunk=3)
     prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:4]]
-    for options in (DecodeOptions(temperature=0.0, max_new_tokens=20),
-                    DecodeOptions(temperature=0.7, seed=4, steps_ratio=0.5, max_new_tokens=16)):
-        got = eng.generate(prompts, options)
-        want = single.generate(prompts, options)
-        assert [g.token_ids for g in got] == [w.token_ids for w in want]
-        assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
-    assert eng.slots.compiled_programs() == 1
+    assert_answers_equal(eng, single, prompts, [DecodeOptions(temperature=0.0, max_new_tokens=20),
+                                               DecodeOptions(temperature=0.7, seed=4, steps_ratio=0.5, max_new_tokens=16)])
 
 
 # ---- data-parallel replicas -------------------------------------------------------------------
@@ -505,13 +507,8 @@ def test_shared_schedule_answers_equal_the_decoder_and_lowers_for_tpu(cli_build)
     eng = Engine(decoder, chunk=5, schedule="shared")
     assert eng.slots.schedule == "shared" and Engine(decoder).slots.schedule == "split"  # auto, on this CPU
     prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:5]]
-    for options in (DecodeOptions(temperature=0.0),
-                    DecodeOptions(temperature=0.8, seed=7, steps_ratio=0.5, confidence_threshold=0.5)):
-        got = eng.generate(prompts, options)
-        want = single.generate(prompts, options)
-        assert [g.token_ids for g in got] == [w.token_ids for w in want]
-        assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
-    assert eng.slots.compiled_programs() == 1
+    assert_answers_equal(eng, single, prompts, [
+        DecodeOptions(temperature=0.0), DecodeOptions(temperature=0.8, seed=7, steps_ratio=0.5, confidence_threshold=0.5)])
     for schedule in ("shared", "split"):
         mlir = Engine(decoder, schedule=schedule).slots.export(["tpu"]).mlir_module()
         assert "while" in mlir
