@@ -408,3 +408,21 @@ def test_alpaca_eval_judges_our_outputs_and_compare_agrees(pd_model, prompts, pd
     assert row["win"]["n_total"] == expected["n_total"] == 3
     assert (row["win"]["n_wins"], row["win"]["n_draws"]) == (expected["n_wins"], expected["n_draws"])
     assert math.isclose(row["win"]["standard_error"], expected["standard_error"], rel_tol=1e-9)
+
+
+def test_cli_diffusion_decodes_the_models_own_mask_count(tmp_path):
+    """Without --max_new_tokens, mode diffusion decodes the model's generation_config.json max_new_tokens masks
+    (as `python -m pdjax.decode` does), not the rest of --max_length; the flag still overrides it."""
+    from pdjax.decode.model_info import read_model_info
+    from pdjax.eval.runner import default_model_path
+
+    masks = read_model_info(default_model_path("diffusion")).diffusion_masks
+    prompts = _write(tmp_path / "p.json", ["Which word is longer, tiger or bird?"])
+    for flags, want in (([], masks), (["--max_new_tokens", "24"], 24)):
+        out = str(tmp_path / f"d{len(flags)}.json")
+        argv = ["generate", "--mode", "diffusion", "--prompts", prompts, "--output", out, "--max_length", "192",
+                "--temperature", "0", *flags]
+        assert main(argv) == 0
+        (row,) = read_outputs(out)
+        assert row["denoise_calls"] == want  # steps_ratio 1: one denoising step per mask
+    assert 0 < masks < 192 - 30

@@ -14,6 +14,7 @@ the files are its format, as they are), then pass the annotations.json it writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
 from pdjax.decode.cli import resolve_model
+from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
 from pdjax.model.tokenizer import TokenIdMismatch
@@ -68,8 +70,10 @@ def _add_generate(sub: Any) -> None:
     r = g.add_argument_group("decoding program")
     r.add_argument("--max_length", type=int, default=2048, help="prompt + answer tokens")
     r.add_argument("--max_new_tokens", type=int, default=None,
-                   help="answer budget below --max_length; in mode diffusion exactly N masks per prompt "
-                        "(Dream's max_new_tokens; default: max_length - prompt)")
+                   help="answer budget below --max_length (default: max_length - prompt); in modes diffusion and "
+                        "dream exactly N masks per prompt (Dream's max_new_tokens; default: the model's "
+                        "generation_config.json max_new_tokens, else " + str(DEFAULT_DIFFUSION_MASKS) + ", as "
+                        "pdjax.decode)")
     r.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (the paper: 1)")
     r.add_argument("--max_spans", type=int, default=16)
     r.add_argument("--buckets", default="", help="comma-separated window sizes (default: powers of two)")
@@ -196,6 +200,11 @@ def run_generate(args: argparse.Namespace) -> int:
         if orbax_checkpoint(model_path) is not None:
             check_model_folder(model_path)  # says it is an orbax checkpoint and how to export it
         raise UserError(f"no model at {model_path}: pass --model DIR (an HF-layout folder) or ORG/NAME (a Hub id)")
+    if args.mode in ("diffusion", "dream") and args.max_new_tokens is None:
+        # as pdjax.decode: the model's own mask count, never "the rest of max_length" (thousands of masks)
+        from pdjax.decode.model_info import read_model_info
+
+        options = dataclasses.replace(options, max_new_tokens=read_model_info(model_path).diffusion_masks)
     buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
     if args.mode == "dream":
         from pdjax.decode.dream import DreamSamplerConfig
