@@ -40,11 +40,11 @@ PROMPTS = HELDOUT[:6]
 # ---- the reference: the decode CLI ---------------------------------------------------------
 
 
-def assert_answers_equal(eng, single, prompts: list[list[int]], options_list: list) -> None:
+def assert_answers_equal(eng, single, prompts: list[list[int]], options_list: list, **generate: float) -> None:
     """The engine's answers and call counts are the single (batch-1) decoder's under every options set, and the
-    engine compiled one program for all of them."""
+    engine compiled one program for all of them (``generate``: e.g. the engine's timeout)."""
     for options in options_list:
-        got = eng.generate(prompts, options)
+        got = eng.generate(prompts, options, **generate)
         want = single.generate(prompts, options)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
@@ -441,11 +441,9 @@ def test_replicas_answer_as_the_decoder_from_one_queue(cli_build):
     prompts = [chat_prompt_ids(tokenizer, p) for p in HELDOUT[:8]]
     pool.start()
     try:
-        for options in (DecodeOptions(temperature=0.0), DecodeOptions(temperature=0.8, seed=11, steps_ratio=0.5)):
-            got = pool.generate(prompts, options, timeout=300)
-            want = single.generate(prompts, options)
-            assert [g.token_ids for g in got] == [w.token_ids for w in want]
-            assert [g.stats.model_calls for g in got] == [w.stats.model_calls for w in want]
+        assert_answers_equal(pool, single, prompts,
+                             [DecodeOptions(temperature=0.0), DecodeOptions(temperature=0.8, seed=11, steps_ratio=0.5)],
+                             timeout=300)
     finally:
         assert pool.shutdown(drain_timeout=60)
     stats = pool.stats()

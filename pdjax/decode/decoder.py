@@ -734,13 +734,15 @@ class SlotView(NamedTuple):
     iteration: jax.Array  # loop iterations since the slots were created (all rows)
 
 
+def _param_devices(params: Any) -> set:
+    """The devices the parameters live on (empty for leaves that are not JAX arrays)."""
+    return {d for leaf in jax.tree.leaves(params) for d in getattr(leaf, "devices", set)()}
+
+
 def _platform(params: Any) -> str:
     """The platform ("cpu", "tpu", "gpu") the parameters live on (JAX's default backend if none says)."""
-    for leaf in jax.tree.leaves(params):
-        devices = getattr(leaf, "devices", None)
-        if callable(devices):
-            return next(iter(devices())).platform
-    return jax.default_backend()
+    devices = _param_devices(params)
+    return next(iter(devices)).platform if devices else jax.default_backend()
 
 
 def host_knobs(options: DecodeOptions, max_length: int) -> Knobs:
@@ -852,7 +854,7 @@ class Slots:
         first state would compile the program a second time.
         """
         state = self._empty()
-        devices = {d for leaf in jax.tree.leaves(self.forward.params) for d in getattr(leaf, "devices", set)()}
+        devices = _param_devices(self.forward.params)
         return jax.device_put(state, devices.pop()) if len(devices) == 1 else state
 
     def advance(self, state: State, admit: np.ndarray, prompt_tokens: np.ndarray, prompt_len: np.ndarray,

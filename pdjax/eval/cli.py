@@ -25,7 +25,7 @@ from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
 from pdjax.decode.cli import resolve_model
-from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS
+from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
 from pdjax.model.tokenizer import TokenIdMismatch
@@ -202,8 +202,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(f"no model at {model_path}: pass --model DIR (an HF-layout folder) or ORG/NAME (a Hub id)")
     if args.mode in ("diffusion", "dream") and args.max_new_tokens is None:
         # as pdjax.decode: the model's own mask count, never "the rest of max_length" (thousands of masks)
-        from pdjax.decode.model_info import read_model_info
-
         options = dataclasses.replace(options, max_new_tokens=read_model_info(model_path).diffusion_masks)
     buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
     if args.mode == "dream":

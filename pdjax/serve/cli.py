@@ -18,6 +18,7 @@ from typing import Sequence
 from pdjax import compile_cache
 from pdjax.cli_errors import cli_main
 from pdjax.decode.cli import NON_NEGATIVE_INT, POSITIVE_INT, _buckets, _number
+from pdjax.decode.decoder import SCHEDULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous: a finished request's slot is refilled between chunks; static: new requests wait "
                    "until the whole batch has finished (a baseline for benchmarks) (default: continuous)")
-    p.add_argument("--schedule", choices=("auto", "split", "shared"), default="auto",
+    p.add_argument("--schedule", choices=SCHEDULES, default="auto",
                    help="how one decoding iteration serves the slots: shared makes one model call over every slot at "
                    "the widest slot's window; split gives each prefilling, denoising or committing slot its own call "
                    "and lets the plan steps share one. auto: split on a CPU (compute-bound, where padding a slot to "
