@@ -426,3 +426,28 @@ def test_cli_diffusion_decodes_the_models_own_mask_count(tmp_path):
         (row,) = read_outputs(out)
         assert row["denoise_calls"] == want  # steps_ratio 1: one denoising step per mask
     assert 0 < masks < 192 - 30
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--num_samples", "-1", ">= 1"), ("--stop_after", "0", ">= 1"), ("--batch_size", "0", ">= 1"),
+    ("--max_spans", "0", ">= 1"), ("--max_length", "1", ">= 2"), ("--max_new_tokens", "0", ">= 1"),
+    ("--top_k", "-1", ">= 0"), ("--seed", "-3", ">= 0"), ("--num_shards", "0", ">= 1"),
+    ("--shard_index", "-1", ">= 0"), ("--devices", "0", ">= 1"), ("--buckets", "0,64", ">= 1"),
+    ("--batch_size", "two", "expected an integer"),
+])
+def test_generate_flags_out_of_range_are_one_line_errors(flag, value, says, capsys):
+    """Each numeric flag of `generate` is checked by argparse: exit 2, one line naming the flag, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        parser().parse_args(["generate", "--output", "o.json", flag, value])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in last and says in last
+
+
+def test_generate_more_devices_than_the_host_has_is_a_one_line_error(tmp_path, capsys):
+    prompts = _write(tmp_path / "p.json", ["Hello?"])
+    assert main(["generate", "--output", str(tmp_path / "o.json"), "--prompts", prompts,
+                 "--devices", str(len(jax.local_devices()) + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "local device" in err
+    assert not os.path.exists(tmp_path / "o.json")

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from pdjax import compile_cache
 from pdjax.cli_errors import UserError, cli_main
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
-from pdjax.decode.cli import resolve_model
+from pdjax.decode.cli import NON_NEGATIVE_INT, POSITIVE_INT, _buckets, _number, resolve_model
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
@@ -62,21 +62,21 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--prompts", default="alpaca_eval",
                    help="'alpaca_eval' (the 805 prompts of HF tatsu-lab/alpaca_eval; needs network) or a local "
                         "JSON/JSONL file of strings or objects with `instruction` (or `prompt`) and optional `dataset`")
-    g.add_argument("--num_samples", type=int, default=None, help="answer only the first N prompts")
+    g.add_argument("--num_samples", type=POSITIVE_INT, default=None, help="answer only the first N prompts")
     g.add_argument("--generator", default=None, help="name in the outputs (default: from model, mode and knobs)")
     g.add_argument("--overwrite", action="store_true", help="discard earlier answers in OUTPUT instead of resuming")
-    g.add_argument("--stop_after", type=int, default=None,
+    g.add_argument("--stop_after", type=POSITIVE_INT, default=None,
                    help="stop after N new samples (a partial run: run again without it to finish)")
     r = g.add_argument_group("decoding program")
-    r.add_argument("--max_length", type=int, default=2048, help="prompt + answer tokens")
-    r.add_argument("--max_new_tokens", type=int, default=None,
+    r.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=2048, help="prompt + answer tokens")
+    r.add_argument("--max_new_tokens", type=POSITIVE_INT, default=None,
                    help="answer budget below --max_length (default: max_length - prompt); in modes diffusion and "
                         "dream exactly N masks per prompt (Dream's max_new_tokens; default: the model's "
                         "generation_config.json max_new_tokens, else " + str(DEFAULT_DIFFUSION_MASKS) + ", as "
                         "pdjax.decode)")
-    r.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (the paper: 1)")
-    r.add_argument("--max_spans", type=int, default=16)
-    r.add_argument("--buckets", default="", help="comma-separated window sizes (default: powers of two)")
+    r.add_argument("--batch_size", type=POSITIVE_INT, default=1, help="prompts decoded together (the paper: 1)")
+    r.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="spans one round may hold (default 16)")
+    r.add_argument("--buckets", type=_buckets, default=(), help="comma-separated window sizes (default: powers of two)")
     r.add_argument("--attention_impl", default=None, help="xla, pallas_tpu, splash_dense (default: the model's)")
     r.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: stored)")
     compile_cache.add_flag(r)
@@ -89,16 +89,16 @@ def _add_generate(sub: Any) -> None:
                    help="mode dream: > 0 draws the positions to unmask from softmax(confidence / alg_temp)")
     k.add_argument("--temperature", type=float, default=d.temperature)
     k.add_argument("--top_p", type=float, default=d.top_p, help="1.0 turns it off")
-    k.add_argument("--top_k", type=int, default=d.top_k, help="0 turns it off")
+    k.add_argument("--top_k", type=NON_NEGATIVE_INT, default=d.top_k, help="0 turns it off")
     k.add_argument("--disable_block_sparsity", action="store_true", help="dense groups (PD-DA)")
-    k.add_argument("--seed", type=int, default=d.seed)
+    k.add_argument("--seed", type=NON_NEGATIVE_INT, default=d.seed)
     c = g.add_argument_group("prompt format")
     c.add_argument("--system_prompt", default=None, help="default: 'You are a helpful assistant.'; '' for none")
     c.add_argument("--no_chat_template", action="store_true", help="tokenize the instruction as-is")
     s = g.add_argument_group("sharding")
-    s.add_argument("--num_shards", type=int, default=None, help="default: the number of JAX processes")
-    s.add_argument("--shard_index", type=int, default=None, help="default: this JAX process's index")
-    s.add_argument("--devices", type=int, default=1,
+    s.add_argument("--num_shards", type=POSITIVE_INT, default=None, help="default: the number of JAX processes")
+    s.add_argument("--shard_index", type=NON_NEGATIVE_INT, default=None, help="default: this JAX process's index")
+    s.add_argument("--devices", type=POSITIVE_INT, default=1,
                    help="local devices to decode on in parallel, one parameter copy each (default 1)")
 
 
@@ -203,14 +203,19 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mode in ("diffusion", "dream") and args.max_new_tokens is None:
         # as pdjax.decode: the model's own mask count, never "the rest of max_length" (thousands of masks)
         options = dataclasses.replace(options, max_new_tokens=read_model_info(model_path).diffusion_masks)
-    buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
-    if args.mode == "dream":
-        from pdjax.decode.dream import DreamSamplerConfig
+    buckets = tuple(args.buckets)
+    try:  # a bucket set that does not fit max_length, and the like
+        if args.mode == "dream":
+            from pdjax.decode.dream import DreamSamplerConfig
 
-        config = DreamSamplerConfig(max_length=args.max_length, batch_size=args.batch_size, buckets=buckets)
-    else:
-        config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
-                              max_spans=args.max_spans, buckets=buckets)
+            config = DreamSamplerConfig(max_length=args.max_length, batch_size=args.batch_size, buckets=buckets)
+        else:
+            config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
+                                  max_spans=args.max_spans, buckets=buckets)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.devices > len(jax.local_devices()):
+        raise UserError(f"--devices {args.devices}: this host has {len(jax.local_devices())} local device(s)")
     prompts = load_prompts(args.prompts, args.num_samples)
     model = load_eval_model(model_path, config, chat_template=not args.no_chat_template,
                             system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl)
