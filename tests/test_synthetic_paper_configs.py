@@ -53,3 +53,21 @@ def test_diffusion_fill_covers_the_longest_answer(tmp_path):
     stats = build_dataset(tmp_path, 0, 1000, 100, tasks="paper")
     longest = max(stats[s]["answer_tokens_without_plan"]["max"] for s in ("train", "heldout"))  # with <|im_end|>
     assert longest <= cfg.data.eos_fill_length
+
+
+def test_planned_rows_hold_the_longest_example_with_its_pad(tmp_path):
+    """The PD run must not skip the longest answers (up to `pad_max` [PAD] per span): the baselines see them all.
+
+    With rows of 512, 2,528 of the 20,000 training examples (the longest, mostly two-round) were skipped
+    as too long in the PD run only.
+    """
+    from pdjax.data.pipeline import prepare_corpus
+    from pdjax.model.tokenizer import control_ids, load_tokenizer
+    from pdjax.synthetic import build_dataset
+
+    cfg = _load(STAGE2["pd"])
+    build_dataset(tmp_path, 0, 2000, 100, tasks="paper")
+    data = dataclasses.replace(cfg.data, source=str(tmp_path / "train.jsonl"), skipped_path=None, batch_size=1)
+    tokenizer = load_tokenizer(tmp_path / "tokenizer")
+    _, skipped, read = prepare_corpus(data, tokenizer, control_ids(tokenizer), range(1))
+    assert read == 2000 and [s.detail for s in skipped] == []
