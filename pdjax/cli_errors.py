@@ -8,10 +8,11 @@ lets the exception through with its traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -79,3 +80,25 @@ def cli_main(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., i
         return wrapped
 
     return wrap
+
+
+def number_type(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                what: str = "") -> Any:
+    """An argparse type: `kind` within [low, high] ((low, high] with `low_open`); argparse says what is wrong in one line."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = number_type(int, 1, what=">= 1")
+NON_NEGATIVE_INT = number_type(int, 0, what=">= 0")
+NON_NEGATIVE_FLOAT = number_type(float, 0.0, what=">= 0")

@@ -205,3 +205,28 @@ def test_checker_gives_the_reference_answers_full_marks(built, tokenizer):
     assert planned["well_formed"] == 1.0 and planned["span_accuracy"] == 1.0 and planned["fact_accuracy"] == 1.0
     assert planned["planned"] == 0.8  # one-round + multi-round shares
     assert plain["spans"] == 0 and plain["fact_accuracy"] == 1.0 and plain["facts"] == planned["facts"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--num_train", "-5"], "argument --num_train: must be >= 1"),
+    (["--num_train", "0"], "argument --num_train: must be >= 1"),
+    (["--num_heldout", "-1"], "argument --num_heldout: must be >= 0"),
+    (["--plain", "-1"], "argument --plain: must be >= 0"),
+    (["--one_round", "0", "--multi_round", "0", "--plain", "0"], "add up to 0"),
+])
+def test_cli_bad_counts_and_shares_are_one_line_errors(flags, says, tmp_path, capsys):
+    """Before: a negative --num_train wrote empty files, a negative or all-zero share ended in a traceback."""
+    assert main(["--out", str(tmp_path / "d"), "--num_heldout", "2", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1] and not (tmp_path / "d").exists()
+
+
+def test_asking_for_more_questions_than_exist_fails_fast(monkeypatch):
+    """A family that can ask only one question: generate gives up after a run of repeats, with the counts."""
+    import importlib
+
+    gen_module = importlib.import_module("pdjax.synthetic.generate")  # the package exports a function of that name
+    one = generate(0, 1, 0)[0][0]
+    monkeypatch.setattr(gen_module, "task_families", lambda tasks: {s: (lambda rng: one,) for s in gen_module.SHAPES})
+    with pytest.raises(ValueError, match=r"could not draw 10 distinct one_round questions \(got 1\); ask for fewer"):
+        gen_module.generate(0, 10, 0, mix={"one_round": 1.0, "multi_round": 0.0, "plain": 0.0})

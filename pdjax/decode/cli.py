@@ -16,29 +16,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pdjax import compile_cache
-from pdjax.cli_errors import UserError, cli_main  # UserError: the one-line error type of every pdjax command
+from pdjax.cli_errors import (  # UserError: the one-line error type of every pdjax command
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    UserError,
+    cli_main,
+    number_type,
+)
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, default_model_path, read_model_info
 
 DEFAULT_MODEL = Path(default_model_path("pd"))  # the shipped planned-diffusion model
 DEFAULT_MAX_LENGTH = 2048  # the released decoder's default; lower when the model's positions end earlier
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
-
-
-def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            what: str = "") -> Any:
-    """An argparse type: `kind` within [low, high] ((low, high] with `low_open`); argparse reports the error."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        below = low is not None and (value <= low if low_open else value < low)
-        if below or (high is not None and value > high) or value != value:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    return parse
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -54,9 +43,6 @@ def _buckets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bucket sizes must be >= 1, got {text!r}")
     return sizes
 
-
-POSITIVE_INT = _number(int, 1, what=">= 1")
-NON_NEGATIVE_INT = _number(int, 0, what=">= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pd: planned diffusion; ar: causal decoding with KV cache (needs only an eos token); "
                      "diffusion: Dream diffusion over --max_new_tokens masks; dream: Dream's own "
                      "diffusion_generate (full bidirectional attention, no cache; pdjax/decode/dream.py) (default: pd)")
-    dec.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=None,
+    dec.add_argument("--max_length", type=number_type(int, 2, what=">= 2"), default=None,
                      help="prompt + response tokens. A promise whose span does not fit is shortened to the room "
                      "left (spans keep their length in promise order while it lasts); if not even its tags fit, "
                      f"the answer stops after the plan (default: the model's max_position_embeddings, at most "
@@ -89,21 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="response budget below max_length; in mode diffusion, the number of masks (default: "
                      "max_length - prompt; in mode diffusion the model's generation_config.json max_new_tokens, "
                      "else " + str(DEFAULT_DIFFUSION_MASKS) + ")")
-    dec.add_argument("--steps_ratio", type=_number(float, 0.0, low_open=True, what="> 0"), default=1.0,
+    dec.add_argument("--steps_ratio", type=number_type(float, 0.0, low_open=True, what="> 0"), default=1.0,
                      help="denoising steps per group = int(longest span * steps_ratio), at least 1 (default: 1.0)")
-    dec.add_argument("--confidence_threshold", type=_number(float, 0.0, 1.0, what="in [0, 1]"), default=None,
+    dec.add_argument("--confidence_threshold", type=number_type(float, 0.0, 1.0, what="in [0, 1]"), default=None,
                      help="threshold variant: beyond the most confident mask per span, unmask only tokens whose "
                      "probability is >= this (ranked by probability; --alg is then unused)")
-    dec.add_argument("--length_scale", type=_number(float, 0.0, low_open=True, what="> 0"), default=10.0,
+    dec.add_argument("--length_scale", type=number_type(float, 0.0, low_open=True, what="> 0"), default=10.0,
                      help="mask slots per unit of a promise's stated length (default: 10)")
     dec.add_argument("--alg", choices=("entropy", "maskgit_plus", "topk_margin", "origin"), default="entropy",
                      help="confidence that ranks masks for unmasking; origin (mode dream only): each mask moves "
                      "with probability 1 - s/t (default: entropy)")
-    dec.add_argument("--alg_temp", type=_number(float, 0.0, what=">= 0"), default=0.0,
+    dec.add_argument("--alg_temp", type=number_type(float, 0.0, what=">= 0"), default=0.0,
                      help="mode dream: > 0 draws the positions to unmask from softmax(confidence / alg_temp)")
-    dec.add_argument("--temperature", type=_number(float, 0.0, what=">= 0"),
+    dec.add_argument("--temperature", type=number_type(float, 0.0, what=">= 0"),
                      default=0.2, help="0 = greedy (default: 0.2)")
-    dec.add_argument("--top_p", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"),
+    dec.add_argument("--top_p", type=number_type(float, 0.0, 1.0, low_open=True, what="in (0, 1]"),
                      default=0.95, help="nucleus sampling, 1 = off (default: 0.95)")
     dec.add_argument("--top_k", type=POSITIVE_INT,
                      default=None, help="keep the k most likely tokens (default: off)")

@@ -22,9 +22,9 @@ import warnings
 from typing import Any, Sequence
 
 from pdjax import compile_cache
-from pdjax.cli_errors import UserError, cli_main
+from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, cli_main, number_type
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
-from pdjax.decode.cli import NON_NEGATIVE_INT, POSITIVE_INT, _buckets, _number, resolve_model
+from pdjax.decode.cli import _buckets, resolve_model
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
@@ -68,7 +68,7 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--stop_after", type=POSITIVE_INT, default=None,
                    help="stop after N new samples (a partial run: run again without it to finish)")
     r = g.add_argument_group("decoding program")
-    r.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=2048, help="prompt + answer tokens")
+    r.add_argument("--max_length", type=number_type(int, 2, what=">= 2"), default=2048, help="prompt + answer tokens")
     r.add_argument("--max_new_tokens", type=POSITIVE_INT, default=None,
                    help="answer budget below --max_length (default: max_length - prompt); in modes diffusion and "
                         "dream exactly N masks per prompt (Dream's max_new_tokens; default: the model's "

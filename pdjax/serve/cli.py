@@ -16,8 +16,8 @@ import time
 from typing import Sequence
 
 from pdjax import compile_cache
-from pdjax.cli_errors import cli_main
-from pdjax.decode.cli import NON_NEGATIVE_INT, POSITIVE_INT, _buckets, _number
+from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, cli_main, number_type
+from pdjax.decode.cli import _buckets
 from pdjax.decode.decoder import SCHEDULES
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel replicas: one copy of the model, its own --batch_size slots and its own thread "
                    "per local device, all fed from one queue (default: 1). On a CPU the host gets that many devices "
                    "(XLA's --xla_force_host_platform_device_count), which keeps more cores busy")
-    p.add_argument("--max_length", type=_number(int, 2, what=">= 2"), default=None,
+    p.add_argument("--max_length", type=number_type(int, 2, what=">= 2"), default=None,
                    help="prompt + response tokens per request, as in pdjax.decode (default: the model's "
                    "max_position_embeddings, at most 2048)")
     p.add_argument("--max_queue", type=NON_NEGATIVE_INT, default=1024,
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="most promises per plan round (default: 16)")
     p.add_argument("--buckets", type=_buckets, default=None,
                    help="comma-separated static call widths (default: powers of two)")
-    p.add_argument("--drain_timeout", type=_number(float, 0.0, what=">= 0"), default=30.0,
+    p.add_argument("--drain_timeout", type=number_type(float, 0.0, what=">= 0"), default=30.0,
                    help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")
     p.add_argument("--compilation_cache", default=None,
                    help="a folder for JAX's persistent compilation cache: restarts skip the compile (default: pdjax's "

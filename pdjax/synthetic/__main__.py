@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from pdjax.cli_errors import cli_main
+from pdjax.cli_errors import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, UserError, cli_main
 from pdjax.synthetic.dataset import DEFAULT_VOCAB_SIZE, build_dataset
 from pdjax.synthetic.generate import DEFAULT_MIX, TASK_SETS, default_mix
 
@@ -17,10 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build train.jsonl / heldout.jsonl / tokenizer/ / stats.json under --out, print the stats."""
     p = argparse.ArgumentParser(prog="python -m pdjax.synthetic", description=__doc__)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_train", type=int, default=20000)
-    p.add_argument("--num_heldout", type=int, default=500)
-    p.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary incl. the 3 chat specials; the 7 control tokens come on top")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--num_train", type=POSITIVE_INT, default=20000)
+    p.add_argument("--num_heldout", type=NON_NEGATIVE_INT, default=500)
+    p.add_argument("--vocab_size", type=POSITIVE_INT, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary incl. the 3 chat specials; the 7 control tokens come on top")
     p.add_argument(
         "--tasks",
         choices=TASK_SETS,
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for shape, weight in DEFAULT_MIX.items():
         p.add_argument(
-            f"--{shape}", type=float, default=None,
+            f"--{shape}", type=NON_NEGATIVE_FLOAT, default=None,
             help=f"share of {shape} answers (default {weight}; with --tasks paper {default_mix('paper')[shape]})",
         )  # fmt: skip
     p.add_argument(
@@ -41,10 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = default_mix(args.tasks)
     mix = {shape: base[shape] if getattr(args, shape) is None else getattr(args, shape) for shape in DEFAULT_MIX}
-    stats = build_dataset(
-        args.out, args.seed, args.num_train, args.num_heldout,
-        vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot, tasks=args.tasks,
-    )  # fmt: skip
+    if sum(mix.values()) <= 0:
+        raise UserError(f"the shape shares {mix} add up to 0: give at least one a positive share")
+    try:  # e.g. more distinct questions than the task set can ask
+        stats = build_dataset(
+            args.out, args.seed, args.num_train, args.num_heldout,
+            vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot, tasks=args.tasks,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UserError(str(e)) from None
     json.dump(stats, sys.stdout, indent=2)
     print()
     return 0

@@ -18,6 +18,10 @@ from pdjax.structure.plan import DEFAULT_LENGTH_SCALE
 from pdjax.synthetic.facts import facts_json
 from pdjax.synthetic.tasks import FAMILIES, SHAPES, Example, Shape, pairs_family
 
+# Draws that only repeat earlier questions, in a row, before `generate` gives up (a request beyond what the
+# families can ask ends in seconds, not after 200 draws per example asked for).
+MAX_REPEATS_IN_A_ROW = 20_000
+
 DEFAULT_MIX: Mapping[Shape, float] = {"one_round": 0.45, "multi_round": 0.35, "plain": 0.20}
 
 # Task sets: "default" is the data the shipped models were trained on (kept byte-identical);
@@ -71,6 +75,8 @@ def generate(
     ``plain_pairs`` (e.g. `chatterbot_pairs()`) add a family of fixed plain answers; ``tasks``
     picks the task set (`TASK_SETS`), ``mix`` defaults to that set's shares.
     """
+    if num_train < 1 or num_heldout < 0:
+        raise ValueError(f"need num_train >= 1 and num_heldout >= 0, got {num_train} and {num_heldout}")
     mix = default_mix(tasks) if mix is None else mix
     rng = random.Random(seed)
     families = task_families(tasks)
@@ -85,16 +91,19 @@ def generate(
     for shape in SHAPES:
         drawn: list[Example] = []
         budget = 200 * total[shape] + 1000
+        misses = 0  # repeats in a row: many means the families have run out of new questions
         while len(drawn) < total[shape]:
             budget -= 1
-            if budget < 0:
-                raise RuntimeError(
+            if budget < 0 or misses >= MAX_REPEATS_IN_A_ROW:
+                raise ValueError(
                     f"could not draw {total[shape]} distinct {shape} questions "
                     f"(got {len(drawn)}); ask for fewer examples"
                 )
             ex = rng.choice(families[shape])(rng)
             if ex.key in seen_keys or ex.prompt in seen_prompts:
+                misses += 1
                 continue
+            misses = 0
             seen_keys.add(ex.key)
             seen_prompts.add(ex.prompt)
             drawn.append(ex)
