@@ -62,3 +62,18 @@ def test_a_plain_source_is_left_alone(tmp_path):
     messages = []
     prepare_source(DataConfig(source=str(path)), log=messages.append)
     assert messages == [] and len(load_source(DataConfig(source=str(path)))) == 1
+
+
+@pytest.mark.parametrize("query, says", [
+    ("num_train=-3", "need num_train >= 1"),
+    ("plain=-1", "non-negative weights"),
+    ("bogus=1", "unknown key 'bogus'"),
+])
+def test_a_bad_synthetic_source_is_a_user_error_naming_it(tmp_path, query, says):
+    """`python -m pdjax.train` prints these as one line (a UserError), not a traceback; nothing is written."""
+    from pdjax.cli_errors import UserError
+
+    source = f"synthetic:{tmp_path / 'd'}?{query}"
+    with pytest.raises(UserError, match=says) as err:
+        prepare_source(DataConfig(source=source))
+    assert source in str(err.value) and [p.name for p in tmp_path.iterdir()] == []

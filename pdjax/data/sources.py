@@ -52,7 +52,10 @@ def local_files(source: str) -> list[str] | None:
 def prepare_source(config: DataConfig, log: Any = print) -> None:
     """Make a generated source exist before anything reads it (a ``synthetic:`` folder: data and tokenizer)."""
     if is_synthetic(config.source):
-        ensure_synthetic(config.source, log=log)
+        try:
+            ensure_synthetic(config.source, log=log)
+        except ValueError as e:  # a bad key or count, a folder built with other settings: the user's to fix
+            raise DataSourceError(str(e) if config.source in str(e) else f"data.source {config.source}: {e}") from None
 
 
 class DataSourceError(UserError, ValueError):
