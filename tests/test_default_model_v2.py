@@ -149,7 +149,7 @@ def test_model_card_states_both_training_stages(tmp_path):
     assert "stage 1 (shared" in stage1 and "default_model_v2_base.yaml" in stage1
     assert f"{base.steps} steps of the AR loss" in stage1
     assert "stage 2" in stage2 and "default_model_v2.yaml" in stage2 and f"{pd.steps} steps of the hybrid loss" in stage2
-    assert "seed 0" in stage2 and "batch 8 rows of 512 tokens" in stage2
+    assert "seed 0" in stage2 and f"batch {pd.data.batch_size} rows of {pd.data.row_length} tokens" in stage2
     diffusion = tool.training_recipe(str(ROOT / "configs" / "default_model_v2_diffusion.yaml"))
     assert f"filled with `<|im_end|>` to {fill} tokens" in diffusion
     single = tool.training_recipe(str(ROOT / "configs" / "default_model.yaml"))
