@@ -44,7 +44,6 @@ def _buckets(text: str) -> tuple[int, ...]:
     return sizes
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line, with the released decoder's flag names."""
     p = argparse.ArgumentParser(
