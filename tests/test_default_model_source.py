@@ -27,7 +27,7 @@ def test_built_once_identical_to_the_cli_reused_and_read(tmp_path):
     source = f"synthetic:{tmp_path / 'data'}?seed=5&num_train=120&num_heldout=12"
     messages = []
     prepare_source(DataConfig(source=source), log=messages.append)
-    assert len(messages) == 1 and "building" in messages[0]
+    assert len(messages) == 4 and "building" in messages[0] and messages[1].startswith("drawing 120 train and 12")
     spec = parse_spec(source)
 
     # The same bytes as `python -m pdjax.synthetic` with the same settings (a different folder).
@@ -39,7 +39,7 @@ def test_built_once_identical_to_the_cli_reused_and_read(tmp_path):
     stamp = tmp_path / "data" / STAMP
     before = stamp.stat().st_mtime_ns
     prepare_source(DataConfig(source=source), log=messages.append)
-    assert len(messages) == 1 and stamp.stat().st_mtime_ns == before
+    assert len(messages) == 4 and stamp.stat().st_mtime_ns == before
     train = load_source(DataConfig(source=source))
     heldout = load_source(DataConfig(source=source, split="heldout"))
     assert len(train) == 120 and len(heldout) == 12

@@ -179,8 +179,12 @@ def test_cli_and_source_select_the_paper_tasks(tmp_path, capsys):
         )
         == 0
     )
-    stats = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    stats = json.loads(printed.out)  # stdout is the stats alone; the steps of the build go to stderr
     assert stats["tasks"] == "paper" and stats["train"]["examples"] == 300
+    steps = printed.err.splitlines()
+    assert steps[0] == "drawing 300 train and 30 held-out questions (tasks paper, seed 0) ..." and len(steps) == 3
+    assert steps[1].startswith("training the BPE tokenizer") and steps[2].startswith("writing train.jsonl")
     heldout = [json.loads(line) for line in open(tmp_path / "cli" / "heldout.jsonl")]
     assert len(heldout) == 30 and all({"prompt", "facts"} <= set(r) for r in heldout)
     # default data: no tasks key in its stats (the shipped models' data stays as it was)

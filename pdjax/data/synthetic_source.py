@@ -138,6 +138,7 @@ def ensure_synthetic(source: str, log: Any = print) -> SyntheticSpec:
         build_dataset(
             tmp, spec.seed, spec.num_train, spec.num_heldout,
             vocab_size=wanted["vocab_size"], mix=wanted["mix"], chatterbot=spec.chatterbot, tasks=spec.tasks,
+            log=log,
         )  # fmt: skip
         with open(os.path.join(tmp, STAMP), "w") as f:
             json.dump(wanted, f, indent=2)

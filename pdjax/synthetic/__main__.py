@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = build_dataset(
             args.out, args.seed, args.num_train, args.num_heldout,
             vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot, tasks=args.tasks,
+            log=lambda line: print(line, file=sys.stderr, flush=True),  # stdout is the stats JSON alone
         )  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None
