@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pdjax" / "assets" / "default_model" / "pd"
 
 
-STATUS = ("loading ", "compiling ", "decoding ")  # progress lines a CLI prints on stderr before it fails
+STATUS = ("loading ", "compiling ", "decoding ", "drawing ", "training the BPE ", "writing ")  # progress lines on stderr
 
 
 def one_line_error(err: str, prog: str, *needles: str) -> None:
