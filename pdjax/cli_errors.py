@@ -99,6 +99,20 @@ def number_type(kind: type, low: float | None = None, high: float | None = None,
     return parse
 
 
+def buckets_type(text: str) -> tuple[int, ...]:
+    """An argparse type for --buckets: comma-separated positive integers (window or call widths)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers, e.g. 64,256,1024")
+    try:
+        sizes = tuple(int(t) for t in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"bucket sizes must be >= 1, got {text!r}")
+    return sizes
+
+
 POSITIVE_INT = number_type(int, 1, what=">= 1")
 NON_NEGATIVE_INT = number_type(int, 0, what=">= 0")
 NON_NEGATIVE_FLOAT = number_type(float, 0.0, what=">= 0")

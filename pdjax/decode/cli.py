@@ -20,6 +20,7 @@ from pdjax.cli_errors import (  # UserError: the one-line error type of every pd
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     UserError,
+    buckets_type,
     cli_main,
     number_type,
 )
@@ -28,20 +29,6 @@ from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, default_model_path,
 DEFAULT_MODEL = Path(default_model_path("pd"))  # the shipped planned-diffusion model
 DEFAULT_MAX_LENGTH = 2048  # the released decoder's default; lower when the model's positions end earlier
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
-
-
-def _buckets(text: str) -> tuple[int, ...]:
-    """--buckets: comma-separated positive integers."""
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("expected comma-separated positive integers, e.g. 64,256,1024")
-    try:
-        sizes = tuple(int(t) for t in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if any(b < 1 for b in sizes):
-        raise argparse.ArgumentTypeError(f"bucket sizes must be >= 1, got {text!r}")
-    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("running")
     run.add_argument("--batch_size", type=POSITIVE_INT, default=1, help="prompts decoded together (default: 1)")
     run.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="most promises per plan round (default: 16)")
-    run.add_argument("--buckets", type=_buckets, default=None,
+    run.add_argument("--buckets", type=buckets_type, default=None,
                      help="comma-separated static call widths (default: powers of two from 32)")
     run.add_argument("--profile", action="store_true",
                      help="time each kind of model call with host callbacks and print the phase table "

@@ -22,9 +22,9 @@ import warnings
 from typing import Any, Sequence
 
 from pdjax import compile_cache
-from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, cli_main, number_type
+from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, buckets_type, cli_main, number_type
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
-from pdjax.decode.cli import _buckets, resolve_model
+from pdjax.decode.cli import resolve_model
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
@@ -76,7 +76,7 @@ def _add_generate(sub: Any) -> None:
                         "pdjax.decode)")
     r.add_argument("--batch_size", type=POSITIVE_INT, default=1, help="prompts decoded together (the paper: 1)")
     r.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="spans one round may hold (default 16)")
-    r.add_argument("--buckets", type=_buckets, default=(), help="comma-separated window sizes (default: powers of two)")
+    r.add_argument("--buckets", type=buckets_type, default=(), help="comma-separated window sizes (default: powers of two)")
     r.add_argument("--attention_impl", default=None, help="xla, pallas_tpu, splash_dense (default: the model's)")
     r.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: stored)")
     compile_cache.add_flag(r)
@@ -203,24 +203,24 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mode in ("diffusion", "dream") and args.max_new_tokens is None:
         # as pdjax.decode: the model's own mask count, never "the rest of max_length" (thousands of masks)
         options = dataclasses.replace(options, max_new_tokens=read_model_info(model_path).diffusion_masks)
-    buckets = tuple(args.buckets)
     try:  # a bucket set that does not fit max_length, and the like
         if args.mode == "dream":
             from pdjax.decode.dream import DreamSamplerConfig
 
-            config = DreamSamplerConfig(max_length=args.max_length, batch_size=args.batch_size, buckets=buckets)
+            config = DreamSamplerConfig(max_length=args.max_length, batch_size=args.batch_size, buckets=args.buckets)
         else:
             config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
-                                  max_spans=args.max_spans, buckets=buckets)
+                                  max_spans=args.max_spans, buckets=args.buckets)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.devices > len(jax.local_devices()):
-        raise UserError(f"--devices {args.devices}: this host has {len(jax.local_devices())} local device(s)")
+    local = jax.local_devices()
+    if args.devices > len(local):
+        raise UserError(f"--devices {args.devices}: this host has {len(local)} local device(s)")
     prompts = load_prompts(args.prompts, args.num_samples)
     model = load_eval_model(model_path, config, chat_template=not args.no_chat_template,
                             system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl)
     generator = args.generator or default_generator(model.name, args.mode, options)
-    devices = jax.local_devices()[: args.devices] if args.devices > 1 else None
+    devices = local[: args.devices] if args.devices > 1 else None
     console = _console()
     settings = {"model": os.path.abspath(model_path), "prompt_source": args.prompts, "dtype": args.dtype,
                 "attention_impl": args.attention_impl}

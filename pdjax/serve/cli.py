@@ -16,8 +16,7 @@ import time
 from typing import Sequence
 
 from pdjax import compile_cache
-from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, cli_main, number_type
-from pdjax.decode.cli import _buckets
+from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, buckets_type, cli_main, number_type
 from pdjax.decode.decoder import SCHEDULES
 
 
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and lets the plan steps share one. auto: split on a CPU (compute-bound, where padding a slot to "
                    "its neighbour's window costs more than sharing saves), shared on a TPU or GPU (default: auto)")
     p.add_argument("--max_spans", type=POSITIVE_INT, default=16, help="most promises per plan round (default: 16)")
-    p.add_argument("--buckets", type=_buckets, default=None,
+    p.add_argument("--buckets", type=buckets_type, default=None,
                    help="comma-separated static call widths (default: powers of two)")
     p.add_argument("--drain_timeout", type=number_type(float, 0.0, what=">= 0"), default=30.0,
                    help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")

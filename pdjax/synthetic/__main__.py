@@ -41,9 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = default_mix(args.tasks)
     mix = {shape: base[shape] if getattr(args, shape) is None else getattr(args, shape) for shape in DEFAULT_MIX}
-    if sum(mix.values()) <= 0:
-        raise UserError(f"the shape shares {mix} add up to 0: give at least one a positive share")
-    try:  # e.g. more distinct questions than the task set can ask
+    try:  # shares that add up to 0, more distinct questions than the task set can ask
         stats = build_dataset(
             args.out, args.seed, args.num_train, args.num_heldout,
             vocab_size=args.vocab_size, mix=mix, chatterbot=args.chatterbot, tasks=args.tasks,

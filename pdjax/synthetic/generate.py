@@ -52,9 +52,11 @@ def default_mix(tasks: str = "default") -> Mapping[str, float]:
 
 def shape_counts(total: int, mix: Mapping[str, float]) -> dict[str, int]:
     """Split `total` over the shapes in proportion to `mix` (largest remainder, so the sum is exact)."""
-    if set(mix) - set(SHAPES) or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+    if set(mix) - set(SHAPES) or any(v < 0 for v in mix.values()):
         raise ValueError(f"mix must give non-negative weights to {SHAPES}, got {dict(mix)}")
     weight = sum(mix.values())
+    if weight <= 0:
+        raise ValueError(f"the shape shares {dict(mix)} add up to 0: give at least one a positive share")
     exact = {s: total * mix.get(s, 0.0) / weight for s in SHAPES}
     counts = {s: int(v) for s, v in exact.items()}
     for s in sorted(SHAPES, key=lambda s: counts[s] - exact[s])[: total - sum(counts.values())]:
