@@ -5,7 +5,9 @@ schemas: as pydantic models (`pdjax.serve.protocol`) the request validation,
 the 400 error for a field of the wrong type and the JSON responses come from
 well-kept libraries (the stack vLLM and SGLang serve with), and no HTTP is
 parsed here. The engine runs on its own thread; a request's handler awaits the
-updates the engine posts to its asyncio queue after each chunk.
+updates the engine posts to its asyncio queue after each chunk. API keys, request
+ids and the access log are one middleware (`pdjax.serve.access`); GET /metrics
+renders `pdjax.serve.metrics`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import asyncio
 import contextlib
 import json
 import os
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdjax.decode.api import DecodeInputError, DecodeResult
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
+from pdjax.serve.access import AccessMiddleware, KeyCheck, RequestRecord, request_record
 from pdjax.serve.engine import Engine, EngineStopped, QueueFull, Ticket, Update
+from pdjax.serve.metrics import CONTENT_TYPE, ServerMetrics
 from pdjax.serve.protocol import ChatCompletionRequest, completion_id, error_body, now
 from pdjax.serve.text import AnswerText
 
@@ -49,9 +54,13 @@ def prompt_ids(tokenizer: Any, messages: list[Any]) -> list[int]:
     return [int(i) for i in ids]
 
 
-def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout: float = 30.0) -> FastAPI:
-    """The app: POST /v1/chat/completions, GET /v1/models, GET /health. The engine's thread runs for the
-    app's lifespan; at shutdown it serves what was submitted for up to `drain_timeout` seconds."""
+def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout: float = 30.0,
+               api_keys: Sequence[str] = ()) -> FastAPI:
+    """The app: POST /v1/chat/completions, GET /v1/models, GET /metrics, GET /health. The engine's thread runs
+    for the app's lifespan; at shutdown it serves what was submitted for up to `drain_timeout` seconds. With
+    `api_keys`, every path but /health needs ``Authorization: Bearer`` one of them (ValueError on an unusable key).
+    """
+    keys = KeyCheck(api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +69,8 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
         await asyncio.to_thread(engine.shutdown, drain_timeout)
 
     app = FastAPI(title="pdjax", summary="Planned diffusion, OpenAI-compatible", lifespan=lifespan)
+    app.state.metrics = metrics = ServerMetrics(engine)
+    app.add_middleware(AccessMiddleware, keys=keys, on_end=metrics.request_ended)
     decoder = engine.decoder
     ids = decoder.ids
 
@@ -87,6 +98,10 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "mode": engine.config.mode, **engine.stats()}
 
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        return Response(metrics.scrape(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "pdjax",
@@ -95,6 +110,8 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        record = request_record(request.scope) or RequestRecord("", "POST", request.url.path, time.perf_counter())
+        record.stream = body.stream
         if body.model != model_name:
             raise ServeError(404, f"model {body.model!r} is not served here; GET /v1/models lists {model_name!r}",
                              param="model", code="model_not_found")
@@ -120,11 +137,11 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
         except EngineStopped as e:
             raise ServeError(503, str(e), "service_unavailable") from None
         answer = AnswerText(tokenizer, ids, decoder.eos_id, body.stop_strings())
-        reply = _Reply(completion_id(), now(), model_name, len(ids_in), answer, ticket, tokenizer)
+        reply = _Reply(completion_id(), now(), model_name, len(ids_in), answer, ticket, tokenizer, record)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(reply.stream(updates, usage), media_type="text/event-stream")
-        watcher = asyncio.create_task(_watch_disconnect(request, ticket))
+        watcher = asyncio.create_task(_watch_disconnect(request, ticket, record))
         try:
             last = await reply.collect(updates)
         finally:
@@ -137,12 +154,13 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
     return app
 
 
-async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
+async def _watch_disconnect(request: Request, ticket: Ticket, record: RequestRecord) -> None:
     """Cancel the ticket (freeing its slot) once the client has gone: with the body read, the server's next
     message is the disconnect (no polling)."""
     while not ticket.done:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            record.client_left = not ticket.done
             ticket.cancel()
             return
 
@@ -151,8 +169,9 @@ class _Reply:
     """One request's response: the non-streaming completion or the SSE chunks."""
 
     def __init__(self, rid: str, created: int, model: str, prompt_tokens: int, answer: AnswerText, ticket: Ticket,
-                 tokenizer: Any):
+                 tokenizer: Any, record: RequestRecord):
         self.id, self.created, self.model = rid, created, model
+        self.record = record
         self.prompt_tokens = prompt_tokens
         self.answer = answer
         self.ticket = ticket
@@ -168,6 +187,8 @@ class _Reply:
                 return update
 
     def _read(self, update: Update) -> None:
+        if update.tokens:
+            self.record.first_token_now()
         self.tokens.extend(update.tokens)
         if not self.answer.stopped:
             self.answer.feed(update.tokens)
@@ -186,6 +207,13 @@ class _Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
 
+    def _answered(self, last: Update) -> None:
+        """Note the answer's tokens and model calls for the access log and the metrics."""
+        r = self.record
+        r.prompt_tokens, r.completion_tokens = self.prompt_tokens, self._usage(last)["completion_tokens"]
+        r.model_calls = last.result.stats.model_calls if last.result is not None else 0
+        r.answered = True
+
     def _stats(self, result: DecodeResult | None) -> dict[str, Any]:
         """The extra field: model calls, rounds, spans (the decoder's DecodeStats) and the raw response."""
         if result is None:
@@ -198,6 +226,7 @@ class _Reply:
 
     def completion(self, last: Update) -> dict[str, Any]:
         """The chat.completion object."""
+        self._answered(last)
         message = {"role": "assistant", "content": self.answer.text}
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -227,6 +256,7 @@ class _Reply:
             if update.error is not None:
                 yield f"data: {json.dumps(error_body(f'decoding failed: {update.error}', 'server_error'))}\n\n"
             else:
+                self._answered(update)
                 yield self._chunk({}, self._finish_reason(update))
                 if include_usage:
                     usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,

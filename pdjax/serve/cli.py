@@ -4,20 +4,29 @@ Loads the model once (as `python -m pdjax.decode` does), compiles the serving
 program once, then serves POST /v1/chat/completions, GET /v1/models and
 GET /health with uvicorn on 127.0.0.1 (any other host is an explicit choice).
 SIGTERM (or Ctrl+C) stops accepting connections, lets the requests in flight
-finish for up to --drain_timeout seconds, and exits 0.
+finish for up to --drain_timeout seconds, and exits 0. With --api-key (or
+PDJAX_API_KEY) every path but /health needs the key; GET /metrics is for
+Prometheus; one access log line per request goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+import os
 import signal
 import socket
+import sys
 import time
 from typing import Sequence
 
 from pdjax import compile_cache
-from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, buckets_type, cli_main, number_type
+from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, buckets_type, cli_main, number_type
 from pdjax.decode.decoder import SCHEDULES
+from pdjax.serve.access import ACCESS_LOGGER, check_api_key
+
+API_KEY_ENV = "PDJAX_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd", help="decoding mode (default: pd)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--api-key", "--api_key", dest="api_key", action="append", type=_api_key_type, default=None,
+                   metavar="KEY",
+                   help="every path but /health then needs 'Authorization: Bearer KEY'; repeat for several keys. "
+                   f"Without it, {API_KEY_ENV} (comma-separated keys) is read; prefer the variable, since a flag is "
+                   "visible to other users of the host in its process list (default: no key)")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=8,
                    help="decode slots per replica: requests decoded together (default: 8)")
     p.add_argument("--replicas", type=POSITIVE_INT, default=1,
@@ -69,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cache.add_flag(p)
     p.add_argument("--log_level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default: warning)")
+    p.add_argument("--no_access_log", action="store_true",
+                   help="do not write the access log (one line per request on stderr: request id, status, latency, "
+                   "tokens, model calls)")
     return p
 
 
@@ -76,8 +93,65 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM / Ctrl+C; returns 0 after a clean shutdown, 2 on a usage error."""
     args = build_parser().parse_args(argv)
+    args.api_key = api_keys(args.api_key)
     _host_devices(args.replicas)
     return _serve(args)
+
+
+def _api_key_type(text: str) -> str:
+    """An argparse type for --api-key: a usable Bearer token."""
+    try:
+        return check_api_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def api_keys(flags: Sequence[str] | None, environ: dict[str, str] | os._Environ = os.environ) -> list[str]:
+    """The accepted keys: --api-key's if given, else PDJAX_API_KEY's (comma-separated); UserError on a set but
+    empty or unusable variable (an empty one would silently serve without a key)."""
+    if flags:
+        return list(flags)
+    if API_KEY_ENV not in environ:
+        return []
+    keys = [k.strip() for k in environ[API_KEY_ENV].split(",")]
+    if not any(keys):
+        raise UserError(f"{API_KEY_ENV} is set but empty; unset it to serve without a key")
+    for i, key in enumerate(keys):
+        try:
+            check_api_key(key)
+        except ValueError as e:
+            raise UserError(f"{API_KEY_ENV}: key {i + 1} of {len(keys)}: {e}") from None
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bound address is this machine only (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def key_notice(host: str, bound: str, keys: int) -> tuple[str, str | None]:
+    """The startup line's words on API keys, and a warning when a server reachable from other machines has none
+    (`bound`: the address the socket got)."""
+    if keys:
+        return f"API key required ({keys} key{'s' if keys > 1 else ''})", None
+    if is_loopback(bound):
+        return "no API key (this machine only)", None
+    return "no API key", (f"--host {host} is reachable from other machines and no API key is set: anyone who can "
+                          f"reach it can use the model; pass --api-key or set {API_KEY_ENV}")
+
+
+def _access_log(enabled: bool) -> None:
+    """The access log: one line per request on stderr, prefixed like the server's other lines."""
+    log = logging.getLogger(ACCESS_LOGGER)
+    log.propagate = False
+    log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
+    if enabled and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pdjax.serve access: %(asctime)s %(message)s"))
+        log.addHandler(handler)
 
 
 def _host_devices(replicas: int) -> None:
@@ -97,7 +171,7 @@ def _host_devices(replicas: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdjax.decode.cli import UserError, build, resolve_model
+    from pdjax.decode.cli import build, resolve_model
 
     if args.compilation_cache:  # another folder than pdjax's default, shared with decode, train and eval
         import jax
@@ -149,17 +223,26 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     port = sock.getsockname()[1]
-    app = create_app(engine, tokenizer, model_name=name, drain_timeout=max(1.0, args.drain_timeout))
+    app = create_app(engine, tokenizer, model_name=name, drain_timeout=max(1.0, args.drain_timeout),
+                     api_keys=args.api_key)
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()  # this process is the server: no *_created series in /metrics
+    # our access log replaces uvicorn's: it carries the request id, tokens and model calls
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout,
-                            access_log=args.log_level in ("info", "debug"))
+                            access_log=False)
+    _access_log(not args.no_access_log)
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM/SIGINT (stop accepting, drain) and re-raises the signal after shutting down:
     # these handlers receive it, so that a drained server exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     host = f"[{args.host}]" if ":" in args.host else args.host
+    auth, warning = key_notice(args.host, sock.getsockname()[0], len(args.api_key))
     print(f"pdjax.serve: serving http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, "
-          f"GET /health); model {name!r}", flush=True)
+          f"GET /metrics, GET /health); model {name!r}; {auth}", flush=True)
+    if warning:
+        print(f"pdjax.serve: warning: {warning}", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     print(f"pdjax.serve: stopped ({engine.stats()['completed']} requests answered)", flush=True)
     return 0
