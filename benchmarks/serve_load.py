@@ -7,7 +7,7 @@ tokens/s over the whole run, and the p50 / p99 request latency (sent to
 answered, queueing included). Bounded: a fixed number of requests, a timeout on
 every request, each server stopped with SIGTERM. Prints one table.
 
-    python benchmarks/serve_load.py                      # the README's table (a few minutes on 2 CPU cores)
+    python benchmarks/serve_load.py                      # docs/performance.md's table (a few minutes on 2 CPU cores)
     python benchmarks/serve_load.py --requests 32 --clients 16
 """
 

@@ -109,20 +109,21 @@ def _help_examples() -> list[list[str]]:
     return _examples(done.stdout.split("Examples:", 1)[1])
 
 
-def _readme_examples() -> list[list[str]]:
-    return _examples((ROOT / "README.md").read_text(encoding="utf-8"))
+def _docs_examples() -> list[list[str]]:
+    """The examples of the TPU workflow page (the README links to it)."""
+    return _examples((ROOT / "docs" / "tpu.md").read_text(encoding="utf-8"))
 
 
 def test_the_examples_are_found():
     steps = {argv[0] for argv in _help_examples()}
     assert steps == {"create", "setup", "train", "logs", "delete"}
-    assert {argv[0] for argv in _readme_examples()} == {"create", "setup", "data", "train", "logs", "delete"}
+    assert {argv[0] for argv in _docs_examples()} == {"create", "setup", "data", "train", "logs", "delete"}
 
 
-@pytest.mark.parametrize("source", ["help", "README"])
+@pytest.mark.parametrize("source", ["help", "docs/tpu.md"])
 def test_every_example_runs_under_dry_run(source, fake_gcloud):
     env, record = fake_gcloud
-    examples = _help_examples() if source == "help" else _readme_examples()
+    examples = _help_examples() if source == "help" else _docs_examples()
     for argv in examples:
         line = argv if "--dry-run" in argv else [*argv, "--dry-run"]  # appended: after `--` for train
         done = _launch(line, env)

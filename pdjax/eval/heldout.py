@@ -1,7 +1,7 @@
 """Decode held-out synthetic prompts with the default models, and score the answers.
 
 One place for the decode programs behind `scripts/default_model.py eval` (the model cards'
-figures) and `benchmarks/critical_path.py` (the README's tables), so both measure the same thing.
+figures) and `benchmarks/critical_path.py` (the tables of docs/performance.md), so both measure the same thing.
 The programs are chosen for a compute-bound CPU, and none of the choices changes an answer
 (greedy answers are token for token those of any other batch size or bucket set):
 
