@@ -128,9 +128,8 @@ def serving_memory(
     )
 
 
-@cli_main("pdjax.memory")
-def main(argv: list[str] | None = None) -> None:
-    """`python -m pdjax.memory`: print the estimate for a preset or a config.json."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m pdjax.memory`."""
     p = argparse.ArgumentParser(prog="python -m pdjax.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dream_7b", help="a preset name (dream_7b, tiny) or a folder/config.json")
     p.add_argument("--fsdp", type=int, default=1)
@@ -142,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora_rank", type=int, default=0)
     p.add_argument("--serve_batch", type=int, default=8)
     p.add_argument("--max_length", type=int, default=2048)
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main("pdjax.memory")
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pdjax.memory`: print the estimate for a preset or a config.json."""
+    args = build_parser().parse_args(argv)
     for flag in ("fsdp", "tensor", "seq_len", "serve_batch", "max_length", "param_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

@@ -26,7 +26,7 @@ from pdjax.eval import (
     read_outputs,
     win_rate,
 )
-from pdjax.eval.cli import OPTION_FLAGS, main, options_from_args, parser
+from pdjax.eval.cli import OPTION_FLAGS, build_parser, main, options_from_args
 from pdjax.model import DreamConfig, DreamModel, save_pretrained
 from pdjax.model.tokenizer import control_ids
 from pdjax.synthetic.tokenizer import train_tokenizer
@@ -276,13 +276,13 @@ def test_every_decode_option_has_a_flag():
     fields = set(DecodeOptions.__dataclass_fields__)
     assert set(OPTION_FLAGS) == fields
     assert set(DreamOptions.__dataclass_fields__) - {"eps"} <= set(OPTION_FLAGS) | set(DREAM_OPTION_FLAGS)
-    dream = options_from_args(parser().parse_args(["generate", "--output", "o.json", "--mode", "dream", "--alg",
+    dream = options_from_args(build_parser().parse_args(["generate", "--output", "o.json", "--mode", "dream", "--alg",
                                                    "origin", "--alg_temp", "0.5", "--steps_ratio", "0.5"]))
     assert (type(dream).__name__, dream.alg, dream.alg_temp, dream.steps_ratio) == ("DreamOptions", "origin", 0.5, 0.5)
     argv = ["generate", "--output", "o.json", "--steps_ratio", "0.5", "--confidence_threshold", "0.7",
             "--length_scale", "8", "--alg", "topk_margin", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "5",
             "--disable_block_sparsity", "--seed", "3", "--max_new_tokens", "64"]
-    assert options_from_args(parser().parse_args(argv)) == DecodeOptions(
+    assert options_from_args(build_parser().parse_args(argv)) == DecodeOptions(
         steps_ratio=0.5, confidence_threshold=0.7, length_scale=8.0, alg="topk_margin", temperature=0.7, top_p=0.9,
         top_k=5, dense=True, seed=3, max_new_tokens=64)
 
@@ -438,7 +438,7 @@ def test_cli_diffusion_decodes_the_models_own_mask_count(tmp_path):
 def test_generate_flags_out_of_range_are_one_line_errors(flag, value, says, capsys):
     """Each numeric flag of `generate` is checked by argparse: exit 2, one line naming the flag, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
-        parser().parse_args(["generate", "--output", "o.json", flag, value])
+        build_parser().parse_args(["generate", "--output", "o.json", flag, value])
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {flag}" in last and says in last

@@ -34,7 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="only the first N rows")
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m pdjax.annotate` (parsed by `main`; the docs test reads it too)."""
     p = argparse.ArgumentParser(
         prog="python -m pdjax.annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -93,7 +94,7 @@ def _say_retry(err: Any, seconds: float, failures: int) -> None:
 @cli_main("pdjax.annotate")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one annotator over a file and print what it did."""
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from pdjax.annotate.llm import (
         Annotator,
         EndpointUnavailable,

@@ -115,7 +115,7 @@ def _add_assemble(sub: Any) -> None:
     a.add_argument("output")
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = argparse.ArgumentParser(prog="python -m pdjax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,7 +294,7 @@ def run_assemble(args: argparse.Namespace) -> int:
 @cli_main("pdjax.eval")
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command."""
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return {"generate": run_generate, "compare": run_compare, "assemble": run_assemble}[args.command](args)
     except USER_ERRORS as e:  # one line, exit status 2 (`cli_main`); --debug shows the traceback

@@ -12,9 +12,8 @@ from pdjax.synthetic.dataset import DEFAULT_VOCAB_SIZE, build_dataset
 from pdjax.synthetic.generate import DEFAULT_MIX, TASK_SETS, default_mix
 
 
-@cli_main("pdjax.synthetic")
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, build train.jsonl / heldout.jsonl / tokenizer/ / stats.json under --out, print the stats."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m pdjax.synthetic`."""
     p = argparse.ArgumentParser(prog="python -m pdjax.synthetic", description=__doc__)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
@@ -38,6 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="add plain small-talk answers from the chatterbot-corpus package (BSD-3-Clause; pip install it first)",
     )
+    return p
+
+
+@cli_main("pdjax.synthetic")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, build train.jsonl / heldout.jsonl / tokenizer/ / stats.json under --out, print the stats."""
+    p = build_parser()
     args = p.parse_args(argv)
     base = default_mix(args.tasks)
     mix = {shape: base[shape] if getattr(args, shape) is None else getattr(args, shape) for shape in DEFAULT_MIX}

@@ -36,7 +36,7 @@ examples:
 """
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pdjax.train",
         description="Train a planned-diffusion (or AR / diffusion baseline) model with the hybrid loss.",
@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
 @cli_main("pdjax.train")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m pdjax.train` and `pdjax-train`."""
-    p = parser()
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
