@@ -295,9 +295,7 @@ def _run(args: argparse.Namespace, status: Status) -> int:
     from pdjax.model.tokenizer import chat_prompt_ids
 
     if args.mode == "dream":  # Dream's own sampler: pdjax/decode/dream.py
-        from pdjax.decode.dream import run_decode_cli
-
-        return run_decode_cli(args)
+        return _run_dream(args)
     prompts = read_prompts(args)
     path = resolve_model(args.model, args.mode)
     info = read_model_info(path)
@@ -334,6 +332,37 @@ def _run(args: argparse.Namespace, status: Status) -> int:
     texts = [tokenizer.decode(answer_ids(decoder, r.prompt_ids, r.token_ids, ids), skip_special_tokens=True)
              for r in results]
     print_results(args, tokenizer, prompts, results, texts, ids)
+    return 0
+
+
+def _run_dream(args: argparse.Namespace) -> int:
+    """`--mode dream`: the decode CLI's flags, Dream's own sampler (`pdjax.decode.dream`), the same output formats."""
+    from pdjax.decode.dream import DreamOptions, DreamSamplerConfig, answer_text, dream_decoder
+    from pdjax.decode.forward import model_forward
+    from pdjax.model import load_pretrained
+    from pdjax.model.tokenizer import chat_prompt_ids, load_tokenizer, special_ids
+
+    prompts = read_prompts(args)
+    path = resolve_model(args.model, "diffusion")  # no --model: the shipped diffusion-only model
+    info = read_model_info(path)
+    max_new_tokens = args.max_new_tokens or info.diffusion_masks
+    try:
+        options = DreamOptions(steps_ratio=args.steps_ratio, alg=args.alg, alg_temp=args.alg_temp,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               max_new_tokens=max_new_tokens)
+        tokenizer = load_tokenizer(path)
+        special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer
+        model = load_pretrained(path)
+        max_length = args.max_length or default_max_length(model.config)
+        config = DreamSamplerConfig(max_length=max_length, batch_size=args.batch_size,
+                                    buckets=tuple(args.buckets or ()))
+        decoder = dream_decoder(model_forward(model), tokenizer, config, special=special)
+        prompt_ids = [chat_prompt_ids(tokenizer, p, chat_template=not args.no_chat_template) for p in prompts]
+        results = decoder.generate(prompt_ids, options)
+    except (OSError, ValueError) as e:  # missing files, bad checkpoints or ids, knobs, prompts too long
+        raise UserError(str(e)) from None
+    texts = [answer_text(tokenizer, r.token_ids, decoder.eos_ids) for r in results]
+    print_results(args, tokenizer, prompts, results, texts, None)
     return 0
 
 

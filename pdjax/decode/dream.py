@@ -324,45 +324,11 @@ def dream_decoder(forward: Forward, tokenizer: Any, config: DreamSamplerConfig, 
     return DreamDecoder(forward, mask_id=mask, eos_ids=stop, config=config)
 
 
-# ---- the decode CLI's mode dream (python -m pdjax.decode --mode dream) ---------------------------
-
-
 def answer_text(tokenizer: Any, token_ids: Sequence[int], eos_ids: Sequence[int]) -> str:
     """The answer a user reads: the tokens up to the first eos, special tokens skipped."""
     ids = list(token_ids)
     cut = next((j for j, t in enumerate(ids) if t in set(eos_ids)), len(ids))
     return tokenizer.decode(ids[:cut], skip_special_tokens=True)
-
-
-def run_decode_cli(args: Any) -> int:
-    """`python -m pdjax.decode --mode dream`: the decode CLI's flags, Dream's sampler, its output formats."""
-    from pdjax.decode.cli import UserError, default_max_length, print_results, read_prompts, resolve_model
-    from pdjax.decode.model_info import read_model_info
-    from pdjax.model import load_pretrained
-    from pdjax.model.tokenizer import chat_prompt_ids, load_tokenizer, special_ids
-
-    prompts = read_prompts(args)
-    path = resolve_model(args.model, "diffusion")  # no --model: the shipped diffusion-only model
-    info = read_model_info(path)
-    max_new_tokens = args.max_new_tokens or info.diffusion_masks
-    try:
-        options = DreamOptions(steps_ratio=args.steps_ratio, alg=args.alg, alg_temp=args.alg_temp,
-                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               max_new_tokens=max_new_tokens)
-        tokenizer = load_tokenizer(path)
-        special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer
-        model = load_pretrained(path)
-        max_length = args.max_length or default_max_length(model.config)
-        config = DreamSamplerConfig(max_length=max_length, batch_size=args.batch_size,
-                                    buckets=tuple(args.buckets or ()))
-        decoder = dream_decoder(model_forward(model), tokenizer, config, special=special)
-        prompt_ids = [chat_prompt_ids(tokenizer, p, chat_template=not args.no_chat_template) for p in prompts]
-        results = decoder.generate(prompt_ids, options)
-    except (OSError, ValueError) as e:  # missing files, bad checkpoints or ids, knobs, prompts too long
-        raise UserError(str(e)) from None
-    texts = [answer_text(tokenizer, r.token_ids, decoder.eos_ids) for r in results]
-    print_results(args, tokenizer, prompts, results, texts, None)
-    return 0
 
 
 __all__ = ["DREAM_ALGS", "DreamDecoder", "DreamOptions", "DreamSamplerConfig", "dream_decoder", "origin_uniforms",
