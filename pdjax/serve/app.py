@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from pdjax.decode.api import DecodeInputError, DecodeResult
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
@@ -88,6 +89,13 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
         else:
             message = f"{where}: {first['msg']}" if where else first["msg"]
         return JSONResponse(error_body(message, param=where or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Routing's own errors (an unknown path 404, a wrong method 405) as OpenAI error objects too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ServeError)
     async def served_error(request: Request, exc: ServeError) -> JSONResponse:
