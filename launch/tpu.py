@@ -27,20 +27,11 @@ import subprocess
 import sys
 import tomllib
 
-# Versions pdjax is tested with; every worker gets exactly these.
-PINNED = (
-    "jax[tpu]==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "grain==0.2.18",
-    "transformers==5.24.0",
-    "datasets==5.2.0",
-    "tokenizers==0.23.3",
-    "safetensors==0.8.0",
-)
 WHEEL_DIR = "dist"
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# The versions CI ran (scripts/constraints.py writes it); every worker installs under it, so gets exactly these.
+CONSTRAINTS = "constraints.txt"
+REMOTE_CONSTRAINTS = "pdjax-constraints.txt"
 sys.path.insert(0, str(REPO))  # for pdjax.cli_errors (standard library only: no JAX needed here)
 from pdjax.cli_errors import UserError, cli_main  # noqa: E402
 
@@ -49,6 +40,16 @@ def _version() -> str:
     """pdjax's version, read from this checkout's pyproject.toml."""
     with open(REPO / "pyproject.toml", "rb") as f:
         return tomllib.load(f)["project"]["version"]
+
+
+def pinned(package: str) -> str:
+    """The version constraints.txt pins for `package` (names compared as pip does: case, `_`, `.` and `-` alike)."""
+    key = package.lower().replace("_", "-").replace(".", "-")
+    for line in (REPO / CONSTRAINTS).read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep and name.strip().lower().replace("_", "-").replace(".", "-") == key:
+            return version.strip()
+    raise UserError(f"{CONSTRAINTS} pins no {package}: regenerate it with python scripts/constraints.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +166,13 @@ def cmd_setup(args: argparse.Namespace, run: Runner) -> None:
         wheel = f"pdjax-{_version()}-py3-none-any.whl"
         run(_base(args) + ["scp", f"{WHEEL_DIR}/{wheel}", f"{args.name}:{wheel}", *_where(args), "--worker=all"])
         pdjax = f"~/{wheel}"
-    packages = " ".join([*(shlex.quote(p) for p in PINNED), pdjax])
+    # every package pip installs (jax's tpu extra and pdjax's dependencies) at the version CI ran
+    run(_base(args) + ["scp", CONSTRAINTS, f"{args.name}:{REMOTE_CONSTRAINTS}", *_where(args), "--worker=all"])
+    packages = " ".join([shlex.quote(f"jax[tpu]=={pinned('jax')}"), pdjax])
     script = (
         "set -e; python3 -m venv ~/pdjax-venv && . ~/pdjax-venv/bin/activate && "
         "pip install -q -U pip && "
-        f"pip install -q {packages}"
+        f"pip install -q -c ~/{REMOTE_CONSTRAINTS} {packages}"
         + (" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html" if args.libtpu_index else "")
         + " && python -c 'import jax; print(jax.process_index(), jax.device_count())'"
     )
@@ -223,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spot", action="store_true", help="request Spot capacity")
     sp.set_defaults(fn=cmd_create)
 
-    sp = sub.add_parser("setup", help="install pinned jax/flax/... and pdjax on every worker")
+    sp = sub.add_parser("setup", help="install pdjax and jax[tpu] on every worker, at constraints.txt's versions")
     common(sp)
     sp.add_argument(
         "--pdjax", default=None, help="pip spec for pdjax on the workers (default: a wheel built from this checkout and copied over)"

@@ -30,16 +30,24 @@ def test_create_v5p_32():
     ]
 
 
-def test_setup_installs_pinned_versions_on_every_worker():
-    build, scp, ssh = dry_run("setup", *COMMON)
+def test_setup_installs_the_constraints_files_versions_on_every_worker():
+    build, scp_wheel, scp_constraints, ssh = dry_run("setup", *COMMON)
     assert build[1:4] == ["-m", "pip", "wheel"] and build[-1] == str(ROOT)
-    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
-    assert scp[5] == "dist/pdjax-0.1.0-py3-none-any.whl"
+    assert scp_wheel[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp_wheel
+    assert scp_wheel[5] == "dist/pdjax-0.1.0-py3-none-any.whl"
+    # the repository's constraints.txt goes to every worker, and pip installs under it
+    assert scp_constraints[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "constraints.txt",
+                                   "pd-run:pdjax-constraints.txt"] and "--worker=all" in scp_constraints
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pd-run"] and "--worker=all" in ssh
-    remote = ssh[ssh.index("--command") + 1]
-    for pin in ("jax[tpu]==0.10.2", "flax==0.12.8", "optax==0.2.8", "orbax-checkpoint==0.12.8", "grain==0.2.18"):
-        assert pin in remote
-    assert "~/pdjax-0.1.0-py3-none-any.whl" in remote
+    remote = shlex.split(ssh[ssh.index("--command") + 1].split("&&")[3])
+    assert remote == ["pip", "install", "-q", "-c", "~/pdjax-constraints.txt", "jax[tpu]==0.10.2",
+                      "~/pdjax-0.1.0-py3-none-any.whl"]
+
+
+def test_setup_with_another_pdjax_still_installs_under_the_constraints():
+    scp, ssh = dry_run("setup", *COMMON, "--pdjax", "pdjax==0.1.0")  # nothing built, no wheel copied
+    assert scp[5:7] == ["constraints.txt", "pd-run:pdjax-constraints.txt"]
+    assert "pip install -q -c ~/pdjax-constraints.txt 'jax[tpu]==0.10.2' pdjax==0.1.0" in ssh[ssh.index("--command") + 1]
 
 
 def test_train_runs_on_all_workers_with_overrides():
