@@ -3,6 +3,11 @@
 Grouped-query attention without repeating K/V: queries are viewed as
 [B, T, K, G, H] (K kv-heads, G query heads per kv-head). The softmax runs in
 float32; a query row with no allowed key returns zeros rather than NaN.
+
+Long queries over long keys are taken a block of queries at a time (`lax.map`),
+so that the float32 scores of one call never exceed `SCORE_BYTES`: a decoder's
+2,048-wide window of 8 rows over a 2,049-slot cache would otherwise hold 3.5 GiB
+of scores for Dream-7B. Each query row's softmax is computed alike either way.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from pdjax.structure import Segments, allowed
+
+SCORE_BYTES = 2**28  # the float32 scores [B, Nq, T, S] of one call stay below this (256 MiB)
 
 
 def reference_attention(
@@ -32,6 +39,29 @@ def reference_attention(
     if nq % nkv:
         raise ValueError(f"query heads ({nq}) must be a multiple of kv heads ({nkv})")
     scale = h**-0.5 if scale is None else scale
+    block = query_block(b, t, nq, k.shape[1])
+    if block >= t:
+        return _attend(q, k, v, q_seg, kv_seg, scale)
+    # whole blocks of queries (the padding queries' rows are computed, then cut off)
+    pad = -t % block
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, block, nq, h).swapaxes(0, 1)
+    seg_blocks = Segments(*(jnp.pad(a, ((0, 0), (0, pad))).reshape(b, -1, block).swapaxes(0, 1) for a in q_seg))
+    out = jax.lax.map(lambda x: _attend(x[0], k, v, x[1], kv_seg, scale), (q_blocks, seg_blocks))
+    return out.swapaxes(0, 1).reshape(b, t + pad, nq, h)[:, :t]
+
+
+def query_block(batch: int, queries: int, heads: int, keys: int) -> int:
+    """Queries per block: all of them when their scores fit `SCORE_BYTES`, else the largest power of two (>= 8)
+    whose scores do."""
+    per_query = batch * heads * keys * 4
+    if queries * per_query <= SCORE_BYTES:
+        return queries
+    return max(8, 1 << ((SCORE_BYTES // per_query).bit_length() - 1))
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, scale: float) -> jax.Array:
+    b, t, nq, h = q.shape
+    nkv = k.shape[2]
     qg = q.reshape(b, t, nkv, nq // nkv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = allowed(q_seg, kv_seg)[:, None, None, :, :]  # [B, 1, 1, T, S]
