@@ -4,10 +4,13 @@ Grouped-query attention without repeating K/V: queries are viewed as
 [B, T, K, G, H] (K kv-heads, G query heads per kv-head). The softmax runs in
 float32; a query row with no allowed key returns zeros rather than NaN.
 
-Long queries over long keys are taken a block of queries at a time (`lax.map`),
-so that the float32 scores of one call never exceed `SCORE_BYTES`: a decoder's
-2,048-wide window of 8 rows over a 2,049-slot cache would otherwise hold 3.5 GiB
-of scores for Dream-7B. Each query row's softmax is computed alike either way.
+With ``score_bytes`` (the model's cached calls pass `SCORE_BYTES`), long queries
+over long keys are taken a block of queries at a time (`lax.map`), so that the
+float32 scores of one call stay under it: a decoder's 2,048-wide window of 8 rows
+over a 2,049-slot cache would otherwise hold 3.5 GiB of scores for Dream-7B. Each
+query row's softmax is computed alike either way. (Training keeps whole rows: its
+backward pass would store every block's scores anyway, and under a mesh the shapes
+here are global, not a chip's.)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 
 from pdjax.structure import Segments, allowed
 
-SCORE_BYTES = 2**28  # the float32 scores [B, Nq, T, S] of one call stay below this (256 MiB)
+SCORE_BYTES = 2**28  # a decoding call's float32 scores [B, Nq, T, S] stay below this (256 MiB)
 
 
 def reference_attention(
@@ -28,6 +31,7 @@ def reference_attention(
     kv_seg: Segments,
     *,
     scale: float | None = None,
+    score_bytes: int | None = None,
 ) -> jax.Array:
     """softmax(q k^T * scale, masked by the METHOD §2 rule) v.
 
@@ -39,7 +43,7 @@ def reference_attention(
     if nq % nkv:
         raise ValueError(f"query heads ({nq}) must be a multiple of kv heads ({nkv})")
     scale = h**-0.5 if scale is None else scale
-    block = query_block(b, t, nq, k.shape[1])
+    block = t if score_bytes is None else query_block(b, t, nq, k.shape[1], score_bytes)
     if block >= t:
         return _attend(q, k, v, q_seg, kv_seg, scale)
     # whole blocks of queries (the padding queries' rows are computed, then cut off)
@@ -50,13 +54,13 @@ def reference_attention(
     return out.swapaxes(0, 1).reshape(b, t + pad, nq, h)[:, :t]
 
 
-def query_block(batch: int, queries: int, heads: int, keys: int) -> int:
-    """Queries per block: all of them when their scores fit `SCORE_BYTES`, else the largest power of two (>= 8)
+def query_block(batch: int, queries: int, heads: int, keys: int, score_bytes: int = SCORE_BYTES) -> int:
+    """Queries per block: all of them when their scores fit `score_bytes`, else the largest power of two (>= 8)
     whose scores do."""
     per_query = batch * heads * keys * 4
-    if queries * per_query <= SCORE_BYTES:
+    if queries * per_query <= score_bytes:
         return queries
-    return max(8, 1 << ((SCORE_BYTES // per_query).bit_length() - 1))
+    return max(8, 1 << ((score_bytes // per_query).bit_length() - 1))
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, scale: float) -> jax.Array:

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pdjax.attention import attention
+from pdjax.attention.reference import SCORE_BYTES
 from pdjax.model.cache import KVCache, read_kv, write_kv, write_segments
 from pdjax.model.config import DreamConfig
 from pdjax.model.layers import apply_rope, normal, ones, param, rms_norm, rope_tables, zeros
@@ -52,8 +53,12 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, c: DreamConfig) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, c: DreamConfig,
+           cached: bool = False) -> jax.Array:
     """`pdjax.attention.attention` with the config's implementation and options.
+
+    A ``cached`` call (decoding over a KV cache) of the `xla` reference bounds its float32 scores to
+    `SCORE_BYTES` by taking its queries a block at a time.
 
     XLA partitions the `xla` reference like any jnp code, but not a Pallas call:
     under a mesh, kernels run per shard in `shard_map`, batch split like the
@@ -61,6 +66,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Se
     kv group, so each shard holds whole GQA groups).
     """
     options = dict(c.attention_options)
+    if cached and c.attention_impl == "xla":
+        options.setdefault("score_bytes", SCORE_BYTES)
     mesh = jax.sharding.get_abstract_mesh()
     if c.attention_impl == "xla" or mesh.empty:
         return attention(q, k, v, q_seg, kv_seg, impl=c.attention_impl, **options)
@@ -140,7 +147,7 @@ class DecoderLayers(nnx.Module):
                 stack_v = write_kv(stack_v, index, q_seg.position, v)
                 k = read_kv(stack_k, index, c.num_kv_heads).astype(c.dtype)
                 v = read_kv(stack_v, index, c.num_kv_heads).astype(c.dtype)
-            out = attend(q, k, v, q_seg, kv_seg, c)
+            out = attend(q, k, v, q_seg, kv_seg, c, cached=stack_k is not None)
             x = x + jnp.einsum("btnh,dnh->btd", out, w["o_proj"])
             x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
             h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
