@@ -57,11 +57,13 @@ def with_bias(forward: Forward, max_length: int) -> Forward:
     """The model plus a bias table [1, max_length + 1, V] by position, passed with the parameters."""
 
     def apply(params, tokens, segments, cache):
-        weights, table = params
-        logits, cache = forward.apply(weights, tokens, segments, cache)
-        return logits + table[0][jnp.clip(segments.position, 0, max_length)], cache
+        return forward.apply(params[0], tokens, segments, cache)
 
-    return Forward(apply, (forward.params, np.zeros((1, max_length + 1, 1), np.float32)), forward.make_cache)
+    def head(params, hidden, row, position):
+        weights, table = params
+        return forward.head(weights, hidden, row, position) + table[0][jnp.clip(position, 0, max_length)]
+
+    return Forward(apply, (forward.params, np.zeros((1, max_length + 1, 1), np.float32)), forward.make_cache, head)
 
 
 def table_for(forced: dict[int, int], v: int, max_length: int, suppress: list[int]) -> np.ndarray:
@@ -96,8 +98,10 @@ def bare_time(forward: Forward, params, width: int, calls: int, length: int, rep
         cache, acc = carry
         pos = jnp.clip(i * width + jnp.arange(width, dtype=jnp.int32), 0, length - 2)[None]
         seg = Segments(jnp.zeros_like(pos), pos, pos, jnp.ones_like(pos), jnp.ones_like(pos))
-        logits, cache = forward.apply(params, (pos % 97 + 100).astype(jnp.int32), seg, cache)
-        return cache, acc + jnp.sum(logits)  # every logit is used, as the decoder does
+        hidden, cache = forward.apply(params, (pos % 97 + 100).astype(jnp.int32), seg, cache)
+        # the logits of every position, as the decoder computes them for a denoising window's masks
+        logits = forward.head(params, hidden[0], jnp.zeros_like(pos[0]), pos[0])
+        return cache, acc + jnp.sum(logits)
 
     def loop(p):
         return jax.lax.fori_loop(0, calls, lambda i, c: body(i, c, p), (forward.make_cache(1, length), 0.0))[1]

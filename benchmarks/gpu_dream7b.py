@@ -187,15 +187,17 @@ def forced(forward: Any, eos: int, size: int, batch: int = 1) -> Any:
     from pdjax.decode import Forward
 
     def apply(params: Any, tokens: Any, segments: Any, cache: Any) -> Any:
+        return forward.apply(params[0], tokens, segments, cache)
+
+    def head(params: Any, hidden: Any, row: Any, position: Any) -> Any:
         weights, table = params
-        logits, cache = forward.apply(weights, tokens, segments, cache)
-        nxt = jnp.clip(segments.position + 1, 0, table.shape[1] - 1)
-        want = jnp.take_along_axis(table, nxt, axis=1)[..., None]  # [B, T, 1]
+        logits = forward.head(weights, hidden, row, position)
+        want = table[row, jnp.clip(position + 1, 0, table.shape[1] - 1)][:, None]  # [N, 1]
         vocab = jnp.arange(logits.shape[-1])
         free = jnp.where(vocab == eos, -jnp.inf, logits)
-        return jnp.where(want >= 0, jnp.where(vocab == want, 0.0, -jnp.inf), free), cache
+        return jnp.where(want >= 0, jnp.where(vocab == want, 0.0, -jnp.inf), free)
 
-    return Forward(apply, (forward.params, jnp.full((batch, size), FREE, jnp.int32)), forward.make_cache)
+    return Forward(apply, (forward.params, jnp.full((batch, size), FREE, jnp.int32)), forward.make_cache, head)
 
 
 # ---- bandwidth arithmetic ----------------------------------------------------------------
@@ -261,6 +263,7 @@ def single_call_timings(forward: Any, iters: int, *, prefix: int = PREFIX_TOKENS
     import jax
 
     from pdjax.decode import DecodeOptions, SamplingParams, sample
+    from pdjax.decode.forward import full_logits
     from pdjax.structure import NEVER, Role
 
     d = DecodeOptions()
@@ -277,7 +280,7 @@ def single_call_timings(forward: Any, iters: int, *, prefix: int = PREFIX_TOKENS
     def call(tokens: np.ndarray, segments: Any, sample_all: bool) -> Callable[[], Any]:
         @functools.partial(jax.jit, donate_argnums=1)
         def run(params: Any, cache: Any) -> Any:
-            logits, cache = forward.apply(params, tokens, segments, cache)
+            logits, cache = full_logits(forward, params, tokens, segments, cache)
             rows = logits if sample_all else logits[:, -1:]
             keys = jax.random.split(key, rows.shape[0] * rows.shape[1]).reshape(rows.shape[:2])
             return sample(keys, rows, sampling).token, cache

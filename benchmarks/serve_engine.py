@@ -29,6 +29,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -64,13 +65,14 @@ def call_costs(batch: int, max_length: int, widths: tuple[int, ...] = (2, 32, 64
     import jax.numpy as jnp
 
     from pdjax.decode.cli import build, resolve_model
+    from pdjax.decode.forward import full_logits
     from pdjax.structure import NEVER, Role, Segments
 
     model = str(MODELS / "pd")
     args = argparse.Namespace(model=model, mode="pd", max_length=max_length, batch_size=1, max_spans=16,
                               buckets=None, profile=False, device=None)
     forward = build(args, resolve_model(model, "pd"))[0].forward
-    apply = jax.jit(forward.apply)
+    apply = jax.jit(functools.partial(full_logits, forward))  # the forward and the logits of every position
     out = []
     for rows in (1, batch):
         cache = forward.make_cache(rows, max_length + 1)

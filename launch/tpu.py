@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import shlex
@@ -32,7 +31,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # The versions CI ran (scripts/constraints.py writes it); every worker installs under it, so gets exactly these.
 CONSTRAINTS = "constraints.txt"
 REMOTE_CONSTRAINTS = "pdjax-constraints.txt"
-sys.path.insert(0, str(REPO))  # for pdjax.cli_errors (standard library only: no JAX needed here)
+sys.path.insert(0, str(REPO))  # for pdjax.cli_errors and pdjax.aot.topology (standard library only: no JAX here)
+from pdjax.aot.topology import AcceleratorError, accelerator_type, parse_accelerator  # noqa: E402, F401
 from pdjax.cli_errors import UserError, cli_main  # noqa: E402
 
 
@@ -50,71 +50,6 @@ def pinned(package: str) -> str:
         if sep and name.strip().lower().replace("_", "-").replace(".", "-") == key:
             return version.strip()
     raise UserError(f"{CONSTRAINTS} pins no {package}: regenerate it with python scripts/constraints.py")
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """A TPU generation: accelerator-type prefix, default runtime, host shape, and the slice sizes Cloud TPU offers."""
-
-    prefix: str
-    runtime: str
-    chips_per_host: int
-    cores_per_chip: int  # v4 and v5p count TensorCores in the accelerator type (2 per chip)
-    single_host_chips: int  # the largest slice that is one VM
-    sizes: tuple[int, ...]  # the N of <prefix>-N that exist
-
-
-# Cloud TPU's accelerator types (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}): v4 and v5p slices are 2x2x1, 2x2x2,
-# 2x2x4 and 2x4x4 chips, then whole 4x4x4 cubes (64 chips = 128 TensorCores) up to the largest slice (v4: 4,096
-# chips; v5p: 16x16x24 = 6,144 chips); v5e and v6e slices are 1, 4, 8, ... 256 chips.
-_CUBES = (8, 16, 32, 64)
-GENERATIONS = {
-    "v4": Generation("v4", "tpu-ubuntu2204-base", 4, 2, 4, _CUBES + tuple(range(128, 8192 + 1, 128))),
-    "v5e": Generation("v5litepod", "v2-alpha-tpuv5-lite", 4, 1, 8, (1, 4, 8, 16, 32, 64, 128, 256)),
-    "v5p": Generation("v5p", "v2-alpha-tpuv5", 4, 2, 4, _CUBES + tuple(range(128, 12288 + 1, 128))),
-    "v6e": Generation("v6e", "v2-alpha-tpuv6e", 4, 1, 8, (1, 4, 8, 16, 32, 64, 128, 256)),
-}
-ALIASES = {"v5e": "v5litepod", "v5lite": "v5litepod"}  # names people type for gcloud's v5litepod
-
-
-class AcceleratorError(UserError, ValueError):
-    """An accelerator type Cloud TPU does not offer."""
-
-
-def _sizes_hint(gen: Generation) -> str:
-    small = [s for s in gen.sizes if s <= 256]
-    more = f", ... {gen.sizes[-1]} (whole cubes: multiples of 128)" if gen.sizes[-1] > 256 else ""
-    return ", ".join(str(s) for s in small) + more
-
-
-def parse_accelerator(accelerator: str) -> tuple[Generation, int]:
-    """('v5p-32') -> (v5p generation, number of hosts); an `AcceleratorError` for a type that does not exist."""
-    prefix, _, size = accelerator.rpartition("-")
-    if not prefix or not size.isdigit():
-        raise AcceleratorError(f"accelerator type {accelerator!r} is not of the form <type>-<size>, e.g. v5p-32")
-    count = int(size)
-    if prefix in ALIASES:
-        raise AcceleratorError(f"unknown accelerator type {accelerator!r}; gcloud calls it {ALIASES[prefix]}-{size}")
-    for gen in GENERATIONS.values():
-        if gen.prefix == prefix:
-            if count not in gen.sizes:
-                unit = "TensorCores" if gen.cores_per_chip > 1 else "chips"
-                raise AcceleratorError(f"{accelerator!r} is not a Cloud TPU slice: {prefix}-N counts {unit}, "
-                                       f"N one of {_sizes_hint(gen)}")
-            chips = count // gen.cores_per_chip
-            hosts = 1 if chips <= gen.single_host_chips else chips // gen.chips_per_host
-            return gen, hosts
-    known = ", ".join(f"{g.prefix}-N" for g in GENERATIONS.values())
-    raise AcceleratorError(f"unknown accelerator type {accelerator!r}; pdjax launches {known}")
-
-
-def accelerator_type(text: str) -> str:
-    """argparse type of --accelerator: the type itself, validated."""
-    try:
-        parse_accelerator(text)
-    except AcceleratorError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 class Runner:
@@ -183,8 +118,26 @@ def cmd_data(args: argparse.Namespace, run: Runner) -> None:
     run(_ssh_all(args, f"mkdir -p $(dirname {shlex.quote(args.dst)}) && gcloud storage cp -r {shlex.quote(args.src)} {shlex.quote(args.dst)}"))
 
 
+def aot_check(args: argparse.Namespace) -> list[str]:
+    """The ahead-of-time check of the slice's train step: `python -m pdjax.aot train` run here, before the slice."""
+    return [sys.executable, "-m", "pdjax.aot", "train", "--config", args.config, "--topology", args.accelerator,
+            *args.overrides]
+
+
 def cmd_train(args: argparse.Namespace, run: Runner) -> None:
     gen, hosts = parse_accelerator(args.accelerator)
+    if not args.skip_aot_check:
+        check = aot_check(args)
+        if run.dry_run:
+            print(shlex.join(check))
+        else:
+            print(f"+ {shlex.join(check)}  # compiles the step for {args.accelerator} here (minutes for a 7B model)",
+                  file=sys.stderr, flush=True)
+            rc = subprocess.call(check)
+            if rc:
+                why = "does not fit" if rc == 1 else "could not be checked"
+                raise UserError(f"the train step {why} on {args.accelerator} (python -m pdjax.aot train, above); "
+                                "nothing was started on the slice (--skip_aot_check launches without the check)")
     overrides = " ".join(shlex.quote(o) for o in args.overrides)
     train = f"python -m pdjax.train --config {shlex.quote(args.config)}" + (f" {overrides}" if overrides else "")
     command = (
@@ -244,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, accelerator=True)
     sp.add_argument("--config", required=True, help="training YAML (configs/... is copied to the workers)")
     sp.add_argument("--log", default="pdjax-train.log", help="log file on each worker")
+    sp.add_argument("--skip_aot_check", action="store_true",
+                    help="launch without first compiling the step for the slice here (python -m pdjax.aot train)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides for pdjax.train (after --)")
     sp.set_defaults(fn=cmd_train)
 

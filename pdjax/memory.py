@@ -76,11 +76,13 @@ def training_memory(
     optimizer_bytes: int = 4,
     lora_rank: int = 0,
     flash_attention: bool = True,
+    grad_accum: int = 1,
 ) -> MemoryEstimate:
     """Per-device bytes of one training step.
 
     ``batch_per_device`` rows of ``seq_len`` tokens are processed by each (data x fsdp) shard;
     ``flash_attention`` False adds the [heads, T, T] float32 scores the `xla` path materialises.
+    With ``grad_accum`` micro-batches, activations and logits are those of one micro-batch.
     """
     c = config
     shards = fsdp * tensor
@@ -91,12 +93,12 @@ def training_memory(
         terms += [("LoRA params + grads + AdamW", r * (param_bytes + param_bytes + 2 * optimizer_bytes) / shards)]
     else:
         terms += [("gradients", n * param_bytes / shards), ("AdamW moments", 2 * n * optimizer_bytes / shards)]
-    tokens = batch_per_device * seq_len
+    tokens = batch_per_device / grad_accum * seq_len  # activations live one micro-batch at a time
     per_layer = _activation_bytes_per_token_layer(c, remat, tensor, compute_bytes)
     work = _activation_bytes_per_token_layer(c, "none", tensor, compute_bytes) if remat != "none" else 0.0
     terms.append((f"activations (remat={remat})", tokens * (c.num_layers * per_layer + work)))
     if not flash_attention:
-        terms.append(("attention scores (xla)", batch_per_device * c.num_heads / tensor * seq_len**2 * 4 * 2))
+        terms.append(("attention scores (xla)", batch_per_device / grad_accum * c.num_heads / tensor * seq_len**2 * 4 * 2))
     terms.append(("logits + their gradient (f32)", tokens * c.vocab_size / tensor * 4 * 2))
     return MemoryEstimate("training", tuple(terms))
 
@@ -109,21 +111,42 @@ def serving_memory(
     tensor: int = 1,
     weight_bytes: int = 2,
     cache_bytes: int = 2,
-    widest_call: int = 512,
+    widest_call: int | None = None,
+    sample_chunk: int | None = None,
 ) -> MemoryEstimate:
-    """Per-device bytes of decoding ``batch`` prompts up to ``max_length`` tokens each.
+    """Per-device bytes of decoding ``batch`` prompts up to ``max_length`` tokens each (`pdjax.decode`'s program).
 
-    ``widest_call`` is the most positions one model call processes (a prefill or group bucket).
+    ``widest_call`` is the most positions of one row a model call processes (default ``max_length``: the
+    decoder's widest bucket). Besides the weights and the KV cache (``max_length`` + 1 slots: one is
+    scratch), the program's temporaries are those of its widest model call: per layer the MLP's two
+    [tokens, intermediate] products, about six [tokens, hidden] buffers and two query blocks of
+    attention scores (`pdjax.attention.reference.SCORE_BYTES` each); or, when larger, those of one
+    sampling chunk: a few float32 [chunk, vocabulary] arrays (`pdjax.decode.decoder.sample_chunk`).
     """
+    from pdjax.attention.reference import SCORE_BYTES, query_block
+
     c = config
     kv_shards = tensor if c.num_kv_heads % tensor == 0 else 1
-    cache = 2 * c.num_layers * batch * max_length * c.num_kv_heads * c.head_dim * cache_bytes / kv_shards
+    slots = max_length + 1
+    cache = 2 * c.num_layers * batch * slots * c.num_kv_heads * c.head_dim * cache_bytes / kv_shards
+    width = max_length if widest_call is None else widest_call
+    tokens = batch * width
+    heads = c.num_heads / tensor
+    block = query_block(batch, width, c.num_heads, slots)
+    scores = min(batch * heads * block * slots * 4, SCORE_BYTES)
+    forward = tokens * (2 * c.intermediate_size / tensor + 6 * c.hidden_size) * cache_bytes + 2 * scores
+    if sample_chunk is None:
+        from pdjax.decode.decoder import DecodeConfig
+        from pdjax.decode.decoder import sample_chunk as decoder_chunk
+
+        sample_chunk = decoder_chunk(DecodeConfig(max_length=max(max_length, 2), batch_size=batch), c.vocab_size)
+    sampling = 4 * sample_chunk * c.vocab_size * 4
     return MemoryEstimate(
         "serving",
         (
             ("weights", c.num_params * weight_bytes / tensor),
             ("KV cache", cache),
-            ("logits of the widest call (f32)", batch * widest_call * c.vocab_size / tensor * 4),
+            ("widest call (or sampling chunk)", max(forward, sampling)),
         ),
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import subprocess
 import sys
 
@@ -84,6 +83,24 @@ def test_kernel_matches_reference_on_cache_queries(kernel, reference, views, see
     q, k, v, ct = _inputs(seed, 2, WINDOW, LENGTH)
     _assert_matches(kernel(q, k, v, q_seg, kv_seg, ct), reference(q, k, v, q_seg, kv_seg, ct), F32_TOL)
 
+
+
+@settings(max_examples=6, deadline=None)
+@given(cache_batches(length=LENGTH, window=WINDOW, batch=2), st.integers(0, 2**16))
+def test_reference_in_query_blocks_equals_whole_rows(reference, views, seed):
+    """A decoding call's bounded scores: queries in blocks (here of 8, with a padded last block) give each row the
+    values of the whole-row computation, bit for bit."""
+    from pdjax.attention.reference import query_block
+
+    q_seg, kv_seg = views
+    t = WINDOW - 3  # not a multiple of the block
+    q_seg = Segments(*(a[:, :t] for a in q_seg))
+    q, k, v, _ = _inputs(seed, 2, t, LENGTH)
+    budget = 2 * HEADS * LENGTH * 4 * 8  # the scores of 8 queries
+    assert query_block(2, t, HEADS, LENGTH, budget) == 8 and query_block(2, t, HEADS, LENGTH, 10 * budget) == t
+    whole = jax.jit(reference_attention)(q, k, v, q_seg, kv_seg)
+    blocks = jax.jit(functools.partial(reference_attention, score_bytes=budget))(q, k, v, q_seg, kv_seg)
+    np.testing.assert_array_equal(np.asarray(blocks), np.asarray(whole))
 
 
 # The paper's Aurora example (as in test_structure_masks): two rounds, one <sync/>, a final group.
@@ -204,11 +221,9 @@ def test_splash_dense_lowers_for_tpu():
     assert fwd.count("tpu_custom_call") >= 1 and bwd.count("tpu_custom_call") >= 3
 
 
-# Compiling (not only lowering) for a TPU needs libtpu, which compiles Mosaic kernels for a
-# TPU topology without TPU hardware. It is not a pdjax dependency (about 700 MB); when it is
-# importable (e.g. `pip install --target DIR libtpu==0.0.42.*` and DIR on PYTHONPATH) this test
-# compiles forward and backward for TPU v5e and v6e in a fresh process (the test process is
-# pinned to the CPU platform).
+# Compiling (not only lowering) for a TPU needs libtpu (in the test extra, pinned as jax's tpu extra pins it),
+# which compiles Mosaic kernels for a TPU topology without TPU hardware: forward and backward for TPU v5e and
+# v6e, in a fresh process (the test process is pinned to the CPU platform).
 _COMPILE_FOR_TPU = """
 import sys
 import jax, jax.numpy as jnp
@@ -230,10 +245,11 @@ for name in sys.argv[1:]:
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (optional)")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e '.[test]')")
 def test_pallas_tpu_compiles_for_tpu_with_libtpu():
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    env["TPU_SKIP_MDS_QUERY"] = "1"
+    from pdjax.aot.topology import compile_environment
+
+    env = compile_environment()
     proc = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_TPU, "v5e:2x2", "v6e:2x2"],
         env=env,

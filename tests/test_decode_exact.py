@@ -63,12 +63,14 @@ def biased(forward: Forward, batch: int) -> Forward:
     """The model plus a per-row bias table [B, MAX_LEN + 1, V] passed with the parameters (no recompiles)."""
 
     def apply(params, tokens, segments, cache):
-        weights, table = params
-        logits, cache = forward.apply(weights, tokens, segments, cache)
-        rows = jnp.arange(tokens.shape[0])[:, None]
-        return logits + table[rows, jnp.clip(segments.position, 0, MAX_LEN)], cache
+        return forward.apply(params[0], tokens, segments, cache)
 
-    return Forward(apply, (forward.params, np.zeros((batch, MAX_LEN + 1, V), np.float32)), forward.make_cache)
+    def head(params, hidden, row, position):
+        weights, table = params
+        return forward.head(weights, hidden, row, position) + table[row, jnp.clip(position, 0, MAX_LEN)]
+
+    table = np.zeros((batch, MAX_LEN + 1, V), np.float32)
+    return Forward(apply, (forward.params, table), forward.make_cache, head)
 
 
 # ---- the scripted plans ----------------------------------------------------------------

@@ -62,8 +62,8 @@ def pd_run(shipped):
     """The PD model's greedy answers to the first SUBSET held-out prompts (one batch), with their checks."""
     model, tokenizer, ids = shipped["pd"]
     rows = heldout("pd")[:SUBSET]
-    # one prompt at a time with compact calls (fast on CPU); few buckets: a short compile
-    config = DecodeConfig("pd", max_length=MAX_LENGTH, buckets=(64, 256), compact=True)
+    # one prompt at a time (fast on CPU); few buckets: a short compile
+    config = DecodeConfig("pd", max_length=MAX_LENGTH, buckets=(64, 256))
     decoder = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=config)
     results = decoder.generate([chat_prompt_ids(tokenizer, r["prompt"]) for r in rows], GREEDY)
     checks = [check_completion(r["facts"], res.token_ids, tokenizer) for r, res in zip(rows, results)]

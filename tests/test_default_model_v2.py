@@ -5,10 +5,11 @@
 - (Not yet here: "the PD model answers a held-out prompt with a plan of >= 2 spans of >= 20 tokens"
   fails on the shipped v1 model, whose spans are ~7 tokens; it is on branch bench14, commit b196958,
   to add back with the v2 models: docs/default_model_v2.md.)
-- `pdjax.eval.heldout`'s decode programs and `DecodeConfig.compact` change no token.
+- `pdjax.eval.heldout`'s decode programs and `DecodeConfig.sample_chunk` change no token.
 - `benchmarks/critical_path.py`'s flags and `scripts/default_model.py`'s model-card recipe.
 """
 
+import dataclasses
 import importlib.util
 import json
 from importlib import resources
@@ -59,24 +60,33 @@ def test_shipped_model_loads_with_its_mode_and_heldout_prompts(kind):
     assert sum(bool(r["facts"]) for r in rows) >= len(rows) / 2  # mostly checkable (small talk has no facts)
 
 
-def test_compact_calls_and_heldout_programs_change_no_token(pd_model):
-    """`DecodeConfig.compact` and `pdjax.eval.heldout`'s buckets give the default program's tokens (pd, threshold too)."""
+def test_sample_chunks_and_heldout_programs_change_no_token(pd_model, monkeypatch):
+    """Sampling the masked positions a few at a time (`DecodeConfig.sample_chunk`, in the sizes of a CPU and of a
+    TPU) and `pdjax.eval.heldout`'s buckets give the default program's tokens (pd, threshold too)."""
+    from pdjax.decode import decoder as decoder_module
     from pdjax.eval.heldout import decode_config
 
     model, tokenizer, ids = pd_model
     rows = [r for r in heldout("pd") if r["shape"] != "plain"][:2]
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     options = [GREEDY, DecodeOptions(temperature=0.0, top_p=None, confidence_threshold=0.9, steps_ratio=0.5,
-                                     length_scale=20)]  # longer spans: windows past the smallest sub-bucket
+                                     length_scale=20)]  # longer spans: windows of several chunks
     plain = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=DecodeConfig("pd", max_length=128, batch_size=2))
     tuned = decode_config("pd", max_length=128)  # small: two short compiles
-    assert tuned.compact and tuned.batch_size == 1 and tuned.windows == (1, 32, 48, 64, 96, 128)
-    compact = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=tuned)
+    assert tuned.batch_size == 1 and tuned.windows == (1, 32, 48, 64, 96, 128)
+    small = dataclasses.replace(tuned, sample_chunk=8)  # chunks of 8, 2 or 1 masked positions
+    decoders = [Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=c) for c in (tuned, small)]
+    assert decoder_module.chunk_sizes(8, "cpu") == (1, 2, 8) and decoder_module.chunk_sizes(8, "tpu") == (8,)
     for o in options:
         want = [r.token_ids for r in plain.generate(prompts, o)]
-        got = [r.token_ids for r in compact.generate(prompts, o)]
-        assert got == want
+        for decoder in decoders:
+            assert [r.token_ids for r in decoder.generate(prompts, o)] == want
         assert all(ids.mask not in w for w in want) and any(ids.async_start in w for w in want)
+    # a TPU's loop: every chunk of one size (lowered for the CPU here, so the sizes are patched)
+    monkeypatch.setattr(decoder_module, "chunk_sizes", lambda chunk, platform: (chunk,))
+    tpu_like = Decoder.from_model(model, eos_id=ids.eos, ids=ids, config=small)
+    for o in options:
+        assert [r.token_ids for r in tpu_like.generate(prompts, o)] == [r.token_ids for r in plain.generate(prompts, o)]
 
 
 def test_heldout_programs_size_the_diffusion_cache_from_the_model_folder(tmp_path):
@@ -87,11 +97,11 @@ def test_heldout_programs_size_the_diffusion_cache_from_the_model_folder(tmp_pat
     assert diffusion_masks(tmp_path) == 288 and diffusion_masks(tmp_path, 64) == 64
     assert diffusion_masks(ASSETS / "diffusion") == read_model_info(ASSETS / "diffusion").max_new_tokens
     c = decode_config("diffusion", masks=288, longest_prompt=118)
-    assert (c.max_length, c.batch_size, c.compact) == (406, 1, True)
+    assert (c.max_length, c.batch_size) == (406, 1)
     assert c.windows == (1, 32, 64, 128, 256, 289, 406)  # the anchor + 288 masks fit one bucket exactly
     assert fine_buckets(512) == (32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448)
     ar = decode_config("ar")
-    assert (ar.max_length, ar.batch_size, ar.compact) == (512, 16, False)
+    assert (ar.max_length, ar.batch_size) == (512, 16)
     with pytest.raises(ValueError, match="mask count"):
         decode_config("diffusion", masks=288)
 

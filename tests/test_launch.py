@@ -51,10 +51,13 @@ def test_setup_with_another_pdjax_still_installs_under_the_constraints():
 
 
 def test_train_runs_on_all_workers_with_overrides():
-    mkdir, scp, ssh = dry_run(
+    aot, mkdir, scp, ssh = dry_run(
         "train", *COMMON, "--accelerator", "v5p-32", "--config", "configs/dream7b_planned_v5p.yaml",
         "--", "checkpoint.dir=gs://bucket/pd", "train.steps=1000",
     )
+    # first, here: the ahead-of-time compile of the same step for the slice
+    assert aot[1:] == ["-m", "pdjax.aot", "train", "--config", "configs/dream7b_planned_v5p.yaml", "--topology",
+                       "v5p-32", "checkpoint.dir=gs://bucket/pd", "train.steps=1000"]
     # the config's folder exists on every worker before scp copies into it
     assert "--worker=all" in mkdir and mkdir[mkdir.index("--command") + 1] == "mkdir -p ~/configs"
     assert scp[4:7] == ["scp", "configs/dream7b_planned_v5p.yaml", "pd-run:configs/dream7b_planned_v5p.yaml"]
@@ -149,6 +152,29 @@ def test_dry_run_after_double_dash_is_not_passed_to_training_and_runs_nothing(fa
     remote = shlex.split(done.stdout.splitlines()[-1])[-1]
     assert "python -m pdjax.train --config configs/dream7b_planned_v5p.yaml steps=10 >" in remote
     assert "dry" not in remote
+
+
+def test_train_stops_before_the_slice_when_the_step_does_not_fit(fake_gcloud, tmp_path):
+    """A failing `pdjax.aot train` (a fake one here: exit 1) starts nothing on the slice; --skip_aot_check skips it."""
+    env, record = fake_gcloud
+    fake = tmp_path / "fake_python"
+    fake.mkdir()
+    (fake / "pdjax").mkdir()
+    (fake / "pdjax" / "__init__.py").write_text("")
+    (fake / "pdjax" / "aot").mkdir()
+    (fake / "pdjax" / "aot" / "__init__.py").write_text("")
+    (fake / "pdjax" / "aot" / "__main__.py").write_text("import sys; print('does not fit', file=sys.stderr); sys.exit(1)")
+    argv = ["train", "--name", "pd", "--zone", "us-east5-a", "--accelerator", "v5p-32", "--config",
+            "configs/dream7b_planned_v5p.yaml"]
+    # run from elsewhere, so that `python -m pdjax.aot` finds the fake before this checkout
+    launch = lambda a: subprocess.run([sys.executable, str(ROOT / "launch" / "tpu.py"), *a], capture_output=True,  # noqa: E731
+                                      text=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(fake)}, timeout=60)
+    done = launch(argv)
+    assert done.returncode == 2 and "does not fit on v5p-32" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not record.exists()  # no gcloud command ran
+    done = launch([*argv, "--skip_aot_check"])
+    assert done.returncode == 0, done.stderr
+    assert "pdjax.train" in record.read_text()
 
 
 def test_without_dry_run_gcloud_runs(fake_gcloud):

@@ -47,9 +47,18 @@ def test_activation_and_logit_terms_by_hand():
 def test_serving_by_hand():
     c = small()
     est = dict(serving_memory(c, batch=3, max_length=100, tensor=2, widest_call=10).terms)
-    assert est["KV cache"] == 2 * 2 * 3 * 100 * 2 * 16 * 2 / 2
+    assert est["KV cache"] == 2 * 2 * 3 * 101 * 2 * 16 * 2 / 2  # max_length + 1 slots (one is scratch)
     assert est["weights"] == c.num_params * 2 / 2
-    assert est["logits of the widest call (f32)"] == 3 * 10 * 1000 / 2 * 4
+    # the widest call: 30 tokens x (two MLP products + six hidden buffers) in bf16, two blocks of scores (all
+    # 10 queries fit 256 MiB); one sampling chunk: four f32 [512, 1000] arrays (the decoder's chunk: a power of
+    # two no larger than what batch x max_length needs) -- the larger of the two
+    forward = 30 * (2 * 256 / 2 + 6 * 64) * 2 + 2 * (3 * 2 * 10 * 101 * 4)
+    sampling = 4 * 512 * 1000 * 4
+    assert est["widest call (or sampling chunk)"] == max(forward, sampling) == sampling
+    wide = dict(serving_memory(DreamConfig.dream_7b(), batch=8, max_length=2048).terms)
+    # Dream-7B: the call wins; its scores come in blocks of 128 queries (the power of two under 256 MiB)
+    tokens = 8 * 2048
+    assert wide["widest call (or sampling chunk)"] == tokens * (2 * 18944 + 6 * 3584) * 2 + 2 * 8 * 28 * 128 * 2049 * 4
 
 
 def test_dream_7b_numbers():

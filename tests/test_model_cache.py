@@ -57,7 +57,7 @@ def causal(length: int) -> Segments:
 
 def test_empty_cache_layout():
     cache = init_cache(CONFIG, batch=3, max_length=16)
-    assert cache.k.shape == cache.v.shape == (CONFIG.num_layers, 3, 16, CONFIG.num_kv_heads, CONFIG.head_dim)
+    assert cache.k.shape == cache.v.shape == (CONFIG.num_layers, 3, 16, CONFIG.num_kv_heads * CONFIG.head_dim)
     assert cache.k.dtype == CONFIG.dtype
     assert (np.asarray(cache.segments.visible_from) == NEVER).all() and (np.asarray(cache.segments.block_id) == 0).all()
     assert init_cache(CONFIG, 1, 4, dtype=jnp.bfloat16).v.dtype == jnp.bfloat16

@@ -3,6 +3,14 @@
 Grouped-query attention without repeating K/V: queries are viewed as
 [B, T, K, G, H] (K kv-heads, G query heads per kv-head). The softmax runs in
 float32; a query row with no allowed key returns zeros rather than NaN.
+
+With ``score_bytes`` (the model's cached calls pass `SCORE_BYTES`), long queries
+over long keys are taken a block of queries at a time (`lax.map`), so that the
+float32 scores of one call stay under it: a decoder's 2,048-wide window of 8 rows
+over a 2,049-slot cache would otherwise hold 3.5 GiB of scores for Dream-7B. Each
+query row's softmax is computed alike either way. (Training keeps whole rows: its
+backward pass would store every block's scores anyway, and under a mesh the shapes
+here are global, not a chip's.)
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from pdjax.structure import Segments, allowed
+
+SCORE_BYTES = 2**28  # a decoding call's float32 scores [B, Nq, T, S] stay below this (256 MiB)
 
 
 def reference_attention(
@@ -21,6 +31,7 @@ def reference_attention(
     kv_seg: Segments,
     *,
     scale: float | None = None,
+    score_bytes: int | None = None,
 ) -> jax.Array:
     """softmax(q k^T * scale, masked by the METHOD §2 rule) v.
 
@@ -32,6 +43,29 @@ def reference_attention(
     if nq % nkv:
         raise ValueError(f"query heads ({nq}) must be a multiple of kv heads ({nkv})")
     scale = h**-0.5 if scale is None else scale
+    block = t if score_bytes is None else query_block(b, t, nq, k.shape[1], score_bytes)
+    if block >= t:
+        return _attend(q, k, v, q_seg, kv_seg, scale)
+    # whole blocks of queries (the padding queries' rows are computed, then cut off)
+    pad = -t % block
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, block, nq, h).swapaxes(0, 1)
+    seg_blocks = Segments(*(jnp.pad(a, ((0, 0), (0, pad))).reshape(b, -1, block).swapaxes(0, 1) for a in q_seg))
+    out = jax.lax.map(lambda x: _attend(x[0], k, v, x[1], kv_seg, scale), (q_blocks, seg_blocks))
+    return out.swapaxes(0, 1).reshape(b, t + pad, nq, h)[:, :t]
+
+
+def query_block(batch: int, queries: int, heads: int, keys: int, score_bytes: int = SCORE_BYTES) -> int:
+    """Queries per block: all of them when their scores fit `score_bytes`, else the largest power of two (>= 8)
+    whose scores do."""
+    per_query = batch * heads * keys * 4
+    if queries * per_query <= score_bytes:
+        return queries
+    return max(8, 1 << ((score_bytes // per_query).bit_length() - 1))
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, scale: float) -> jax.Array:
+    b, t, nq, h = q.shape
+    nkv = k.shape[2]
     qg = q.reshape(b, t, nkv, nq // nkv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = allowed(q_seg, kv_seg)[:, None, None, :, :]  # [B, 1, 1, T, S]

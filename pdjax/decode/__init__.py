@@ -2,7 +2,7 @@
 
 from pdjax.decode.api import DecodeInputError, Decoder, DecodeResult, vocab_size_of
 from pdjax.decode.decoder import DECODE_MODES, DecodeConfig, DecodeOptions
-from pdjax.decode.forward import CacheFn, Forward, LogitsFn, model_forward
+from pdjax.decode.forward import CacheFn, Forward, HeadFn, HiddenFn, model_forward
 from pdjax.decode.sampling import ALGS, SamplingParams, sample
 from pdjax.decode.stats import DecodeStats
 
@@ -17,7 +17,8 @@ __all__ = [
     "DecodeStats",
     "Decoder",
     "Forward",
-    "LogitsFn",
+    "HeadFn",
+    "HiddenFn",
     "SamplingParams",
     "model_forward",
     "sample",

@@ -48,7 +48,10 @@ def vocab_size_of(forward: Forward) -> int:
     """The model's vocabulary size, from an abstract evaluation of its forward (no compute)."""
     one = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     cache = jax.eval_shape(lambda: forward.make_cache(1, 2))
-    logits, _ = jax.eval_shape(forward.apply, forward.params, one, Segments(*(one,) * 5), cache)
+    hidden, _ = jax.eval_shape(forward.apply, forward.params, one, Segments(*(one,) * 5), cache)
+    index = jax.ShapeDtypeStruct((1,), jnp.int32)
+    logits = jax.eval_shape(forward.head, forward.params, jax.ShapeDtypeStruct((1, hidden.shape[-1]), hidden.dtype),
+                            index, index)
     return int(logits.shape[-1])
 
 
@@ -69,7 +72,8 @@ class Decoder:
         self.vocab_size = vocab_size_of(forward)
         self._check_ids()
         self.profiler = Profiler() if config.profile else None
-        static = _Static(config, forward.apply, forward.make_cache, self.eos_id, ids, self.vocab_size, self.profiler)
+        static = _Static(config, forward.apply, forward.make_cache, forward.head, self.eos_id, ids, self.vocab_size,
+                         self.profiler)
         self._run = jax.jit(_Program(static).run, compiler_options=COMPILER_OPTIONS)
         self._compiled: set[tuple] = set()  # input signatures (shapes, dtypes, shardings) compiled so far
         self.on_compile: Callable[[str], None] | None = None  # told "compiling ..." before each compilation
@@ -127,6 +131,20 @@ class Decoder:
     def compiled_programs(self) -> int:
         """How many programs the decoder has compiled so far (one per batch shape; prompts never add any)."""
         return int(self._run._cache_size())
+
+    def lower(self, sharding: Any = None, options: DecodeOptions = DecodeOptions()) -> Any:
+        """The batch program lowered for the parameters' placement (a `jax.stages.Lowered`), without running it.
+
+        ``sharding`` places the other inputs (prompts, knobs) as abstract arrays: with abstract parameters
+        on a TPU topology's device (`pdjax.aot`), ``.compile()`` compiles for that chip on any machine.
+        """
+        c = self.config
+        tokens = np.zeros((c.batch_size, c.max_length + 1), np.int32)
+        lengths = np.zeros((c.batch_size,), np.int32)
+        args = (tokens, lengths, make_knobs(options, c.max_length))
+        if sharding is not None:
+            args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
+        return self._run.lower(self.forward.params, *args)
 
     def export(self, platforms: Sequence[str] = ("tpu",), options: DecodeOptions = DecodeOptions()) -> Any:
         """The batch program lowered for `platforms` (a `jax.export.Exported`), e.g. to check TPU lowering."""

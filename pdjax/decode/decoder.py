@@ -77,11 +77,11 @@ class DecodeConfig:
     prefill, denoising and commit calls (default: powers of two from 32, then ``max_length``).
     ``max_spans`` bounds the promises of one round (the plan grammar stops opening more).
     ``profile`` adds host callbacks that time each kind of model call (off by default: the
-    default program makes no host round trip). ``compact`` makes every call of the loop the
-    serving engine's compact call: a denoising window samples only its masked positions
-    (masked first, in a quarter, half or full-width sub-bucket) and a call without AR rows skips
-    the AR sampling. The tokens are the same; on CPU a wide window decodes ~1/3 faster, for a
-    somewhat longer compile (off by default).
+    default program makes no host round trip). ``sample_chunk`` is the most positions whose
+    logits exist at once: a denoising call samples only its masked positions, that many at a
+    time (0: as many as fit `SAMPLE_CHUNK_BYTES` of float32 logits). It bounds the decoder's
+    temporaries (a window of 2,048 x Dream's 152,064-token vocabulary would be 1.2 GiB per array,
+    per row) and changes no token.
     """
 
     mode: DecodeMode = "pd"
@@ -90,7 +90,7 @@ class DecodeConfig:
     max_spans: int = 16
     buckets: tuple[int, ...] = ()
     profile: bool = False
-    compact: bool = False
+    sample_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in DECODE_MODES:
@@ -101,6 +101,8 @@ class DecodeConfig:
             raise ValueError("batch_size and max_spans must be >= 1")
         if any(b < 1 for b in self.buckets):
             raise ValueError(f"buckets must be positive, got {self.buckets}")
+        if self.sample_chunk < 0:
+            raise ValueError(f"sample_chunk must be >= 0 (0: automatic), got {self.sample_chunk}")
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -236,6 +238,7 @@ class _Static:
     config: DecodeConfig
     apply: Any
     make_cache: Any
+    head: Any
     eos: int
     ids: ControlIds | None
     vocab_size: int
@@ -248,6 +251,26 @@ class _Static:
     @property
     def scratch(self) -> int:
         return self.config.max_length
+
+
+SAMPLE_CHUNK_BYTES = 2**28  # float32 logits of one sampling chunk: 256 MiB ([256, 152,064] for Dream's vocabulary)
+
+
+def sample_chunk(config: DecodeConfig, vocab_size: int) -> int:
+    """Positions sampled at once (`DecodeConfig.sample_chunk`, or automatic): a power of two whose float32
+    logits fit `SAMPLE_CHUNK_BYTES`, and no more than a call can hold (batch x max_length)."""
+    if config.sample_chunk:
+        return config.sample_chunk
+    fits = max(1, SAMPLE_CHUNK_BYTES // (4 * vocab_size))
+    return min(1 << (fits.bit_length() - 1), 1 << (config.batch_size * config.max_length - 1).bit_length())
+
+
+def chunk_sizes(chunk: int, platform: str) -> tuple[int, ...]:
+    """The sampling chunk sizes the loop of `_Program._draw` may take on `platform`: one on a TPU, where each is
+    minutes of compile; elsewhere also a quarter and a sixteenth, for calls with few masked positions."""
+    if platform == "tpu":
+        return (chunk,)
+    return tuple(sorted({max(1, chunk // 16), max(1, chunk // 4), chunk}))
 
 
 def _select_rows(mask: jax.Array, new: Any, old: Any) -> Any:
@@ -272,6 +295,23 @@ def _cond(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
     return jax.lax.cond(pred, fn, lambda x: x, operand)
 
 
+def _run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
+    """`_cond` as a while loop of at most one iteration, for operands updated in place (the KV cache).
+
+    XLA copies an operand that a conditional's branch updates, and here it did so inside the layer
+    loop (the TPU compiler: twice per layer, the whole cache each time, and one more cache's worth of
+    memory); a loop-carried buffer it updates in place.
+    """
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.bool_(False), fn(c[1])), (pred, operand))[1]
+
+
+def _switch_in_place(index: jax.Array, branches: Sequence[Callable[[Any], Any]], operand: Any) -> Any:
+    """`lax.switch(index, branches, operand)` as a chain of `_run_if`: the chosen branch runs, the others pass."""
+    for k, branch in enumerate(branches):
+        operand = _run_if(index == k, branch, operand)
+    return operand
+
+
 class _Program:
     """The traced decoding program of one `_Static` (traced once per compiled shape)."""
 
@@ -288,6 +328,7 @@ class _Program:
             bias = np.zeros(v, np.float32)
             bias[sorted(banned)] = -np.inf
             self.span_bias = jnp.asarray(bias)  # what a span (or the diffusion answer) may not contain
+        self.sample_chunk = sample_chunk(c, static.vocab_size)
 
     # ---- the window of each example's call -----------------------------------------------
 
@@ -333,59 +374,78 @@ class _Program:
         ar_index = jnp.select([rows.phase == PREFILL, rows.phase == COMMIT], [prefill_len - 1, rows.size], 0)
         return Window(tokens, segments, valid, span, length, jnp.maximum(ar_index, 0))
 
-    def _call(self, params: Any, window: Window, cache: Any, keys: jax.Array, denoising: jax.Array,
-              sampling: SamplingParams, *, width: int, compact: bool = False):
-        """The model on the first `width` window columns; AR logits [B, V] and samples of the shifted logits.
+    def _call(self, params: Any, window: Window, cache: Any, *, width: int) -> tuple[Any, jax.Array]:
+        """The model on the first `width` window columns: the new cache and hidden states [B, max_length, D]
+        (zero past the call's width). No logits: `_ar_logits` and `_draw` apply the head where they sample.
 
         A batch of one calls with at least two columns (the second one scratch): a one-token call
-        of one row would make the logits a matrix-vector product, which XLA sums in another order
+        of one row would make every matmul a matrix-vector product, which XLA sums in another order
         than a matrix product, so a request's greedy tokens would depend on the batch it is in
         (batch size 1 here, a serving engine's shared calls elsewhere).
         """
-        width, bucket = max(width, 2 if window.tokens.shape[0] == 1 else 1), width
+        width = max(width, 2 if window.tokens.shape[0] == 1 else 1)
         cut = lambda a: a[:, :width]  # noqa: E731
-        logits, cache = self.s.apply(params, cut(window.tokens), jax.tree.map(cut, window.segments), cache)
-        ar_logits = jnp.take_along_axis(logits, jnp.minimum(window.ar_index, width - 1)[:, None, None], axis=1)[:, 0]
-        if self.s.config.mode == "ar":
-            return cache, ar_logits, None
-        # Dream reads the prediction for position j at j-1; a window's first token is never a mask
-        pred = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1) + self.span_bias
-        position_keys = jax.vmap(lambda k, p: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, p))(
-            keys, cut(window.segments.position)
+        hidden, cache = self.s.apply(params, cut(window.tokens), jax.tree.map(cut, window.segments), cache)
+        return cache, jnp.pad(hidden, ((0, 0), (0, self.width - width), (0, 0)))
+
+    def _ar_logits(self, params: Any, hidden: jax.Array, window: Window) -> jax.Array:
+        """Each row's AR logits [B, V]: the head on the hidden state at its `ar_index` (at least two rows per
+        matmul, for the reason `_call` gives)."""
+        b = hidden.shape[0]
+        index = jnp.clip(window.ar_index, 0, self.width - 1)
+        at = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+        rows = jnp.arange(b, dtype=jnp.int32)
+        position = jnp.take_along_axis(window.segments.position, index[:, None], axis=1)[:, 0]
+        if b == 1:
+            at, rows, position = (jnp.concatenate([x, x]) for x in (at, rows, position))
+        return self.s.head(params, at, rows, position)[:b]
+
+    def _draw(self, params: Any, hidden: jax.Array, window: Window, keys: jax.Array,
+              sampling: SamplingParams) -> Sample:
+        """A sample [B, max_length] at every masked window position (zeros elsewhere), from the logits of the
+        position before it (Dream reads the prediction for j at j-1; a window's first token is never a mask).
+
+        The masked positions of all rows are taken `chunk` at a time (a while loop): only one chunk's
+        [chunk, V] logits and sampling temporaries exist at once, whatever the window and batch. Each
+        position samples with its own key, so the chunking changes no token. On a TPU every chunk has
+        one size (each size is another copy of the sampling code, minutes of TPU compile); elsewhere
+        the last chunk shrinks to a quarter or a sixteenth when that holds what is left.
+        """
+        b, w = window.tokens.shape
+        n = b * w
+        masked = (window.valid & (window.tokens == self.s.ids.mask)).reshape(-1)
+        count = jnp.sum(masked, dtype=jnp.int32)
+        order = jnp.pad(jnp.argsort(~masked, stable=True).astype(jnp.int32), (0, self.sample_chunk))  # masked first
+        position = window.segments.position
+
+        def chunk(size: int, start: jax.Array, out: Sample) -> tuple[jax.Array, Sample]:
+            at = jax.lax.dynamic_slice_in_dim(order, start, size)
+            live = start + jnp.arange(size) < count
+            row, col = at // w, at % w
+            prev = jnp.maximum(col - 1, 0)
+            logits = self.s.head(params, hidden[row, prev], row, position[row, prev]) + self.span_bias
+            item_keys = jax.vmap(jax.random.fold_in)(keys[row], position[row, col])
+            drawn = sample(item_keys, logits, jax.tree.map(lambda k: k[row], sampling), live)
+            target = jnp.where(live, at, n)  # past the end: dropped
+            return start + size, jax.tree.map(lambda o, v: o.at[target].set(v, mode="drop"), out, drawn)
+
+        def loop(sizes: tuple[int, ...], out: Sample) -> Sample:
+            def body(carry: tuple[jax.Array, Sample]) -> tuple[jax.Array, Sample]:
+                start, out = carry
+                if len(sizes) == 1:
+                    return chunk(sizes[0], start, out)
+                branches = [functools.partial(chunk, size) for size in sizes]
+                return jax.lax.switch(_bucket_index(sizes, count - start), branches, start, out)
+
+            return jax.lax.while_loop(lambda c: c[0] < count, body, (jnp.int32(0), out))[1]
+
+        zeros = jnp.zeros((n,), jnp.float32)
+        out = Sample(zeros.astype(jnp.int32), zeros, zeros)
+        out = jax.lax.platform_dependent(
+            out, tpu=functools.partial(loop, chunk_sizes(self.sample_chunk, "tpu")),
+            default=functools.partial(loop, chunk_sizes(self.sample_chunk, "cpu")),
         )
-
-        # only masked positions are read (`_denoise`): the others' nucleus never forces the full sort
-        masked = cut(window.valid & (window.tokens == self.s.ids.mask))
-
-        def draw(pred: jax.Array) -> Sample:
-            return sample(position_keys, pred, sampling, masked)
-
-        if compact and width >= 8:
-            # sample the first `size` masked positions, masked first
-            order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)
-            sizes = sorted({width // 4, width // 2, width})
-            rows = jnp.arange(masked.shape[0])[:, None]
-
-            def draw_first(size: int, pred: jax.Array) -> Sample:
-                at = order[:, :size]
-                part = sample(jnp.take_along_axis(position_keys, at, axis=1),
-                              jnp.take_along_axis(pred, at[..., None], axis=1), sampling,
-                              jnp.take_along_axis(masked, at, axis=1))
-                return jax.tree.map(lambda a: jnp.zeros(pred.shape[:2], a.dtype).at[rows, at].set(a), part)
-
-            need = jnp.max(jnp.sum(masked, axis=1))
-            branches = [functools.partial(draw_first, size) for size in sizes]
-            draw = lambda pred: jax.lax.switch(_bucket_index(tuple(sizes), need), branches, pred)  # noqa: E731
-
-        def skip(pred: jax.Array) -> Sample:
-            zeros = jnp.zeros(pred.shape[:2], jnp.float32)
-            return Sample(zeros.astype(jnp.int32), zeros, zeros)
-
-        # a group window is at least 2 wide (tags / anchor), so width 1 serves plan steps only
-        drawn = skip(pred) if bucket == 1 else jax.lax.cond(denoising, draw, skip, pred)
-        pad = self.width - width
-        drawn = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad))), drawn)
-        return cache, ar_logits, drawn
+        return jax.tree.map(lambda a: a.reshape(b, w), out)
 
     # ---- AR tokens: plan steps, the token after a prefill or a commit -----------------------
 
@@ -532,7 +592,7 @@ class _Program:
         )
         return state._replace(rows=state.rows._replace(n=n))
 
-    def step(self, state: State, params: Any, knobs: Knobs, compact: bool = False) -> State:
+    def step(self, state: State, params: Any, knobs: Knobs) -> State:
         """One batched model call serving every unfinished example, then each example's transition."""
         c = self.s.config
         rows = state.rows
@@ -540,12 +600,12 @@ class _Program:
         window = self._window(rows, knobs)
         denoising = jnp.any(phase == DENOISE)
         windows = c.windows
-        branches = [functools.partial(self._call, width=w, compact=compact) for w in windows]
+        branches = [lambda out, w=w: self._call(params, window, out[0], width=w) for w in windows]
         need = jnp.max(jnp.where(phase != DONE, window.length, 0))
-        cache, ar_logits, drawn = jax.lax.switch(
-            _bucket_index(windows, need), branches, params, window, state.cache, self._row_keys(rows, knobs), denoising,
-            knobs.sampling,
-        )
+        shape = jax.eval_shape(lambda: self._call(params, window, state.cache, width=windows[0]))[1]
+        hidden = jnp.zeros(shape.shape, shape.dtype)
+        cache, hidden = _switch_in_place(_bucket_index(windows, need), branches, (state.cache, hidden))
+        row_keys = self._row_keys(rows, knobs)
         served = (phase != DONE) & (window.length > 0)
         kinds = jax.nn.one_hot(phase, 4, dtype=jnp.int32) * served[:, None]
         rows = rows._replace(calls=rows.calls + kinds)
@@ -564,14 +624,17 @@ class _Program:
         new = rows
         if c.mode != "diffusion":
             def ar_step(rows: Rows) -> Rows:
-                token = self._ar_sample(ar_logits, rows, knobs, ar_rows)
+                token = self._ar_sample(self._ar_logits(params, hidden, window), rows, knobs, ar_rows)
                 return _select_rows(ar_rows, self._accept(rows, token, knobs), rows)
 
-            # a serving row's own call that takes no AR step (denoising) skips the AR sampling and layout
-            new = _cond(jnp.any(ar_rows), ar_step, rows) if compact else ar_step(rows)
+            # a call that takes no AR step (a denoising round) skips the AR head, sampling and layout
+            new = _cond(jnp.any(ar_rows), ar_step, rows)
         if c.mode != "ar":
-            denoised = _cond(denoising, lambda r: self._denoise(r, window, drawn, knobs), rows)
-            new = _select_rows(phase == DENOISE, denoised, new)
+            def denoise(rows: Rows) -> Rows:
+                drawn = self._draw(params, hidden, window, row_keys, knobs.sampling)
+                return self._denoise(rows, window, drawn, knobs)
+
+            new = _select_rows(phase == DENOISE, _cond(denoising, denoise, rows), new)
         if c.mode == "diffusion":
             laid = jax.vmap(self._layout_diffusion)(rows, knobs)
             new = _select_rows(phase == PREFILL, laid, new)
@@ -632,7 +695,7 @@ class _Program:
         def alone(i: jax.Array, st: State) -> State:
             def one(st: State) -> State:
                 sub = State(take(st.rows, i), take(st.cache, i, axes), st.iteration, st.batch_calls)
-                sub = self.step(sub, params, take(knobs, i), compact=True)
+                sub = self.step(sub, params, take(knobs, i))
                 return st._replace(rows=put(st.rows, sub.rows, i), cache=put(st.cache, sub.cache, i, axes),
                                    batch_calls=sub.batch_calls)
 
@@ -655,7 +718,7 @@ class _Program:
             done = jnp.sum(st.rows.phase == DONE)
             return (done < st.rows.phase.shape[0]) & (i < iterations) & ~(until_finish & (done > done_before))
 
-        step = self.split_step if split else functools.partial(self.step, compact=self.s.config.compact)
+        step = self.split_step if split else self.step
         state, _ = jax.lax.while_loop(more, lambda c: (step(c[0], params, knobs), c[1] + 1), (state, jnp.int32(0)))
         return state
 
@@ -676,7 +739,7 @@ class _Program:
         """Rows where admit [B] start afresh on their new prompt (length 0 empties the row); their cache rows
         are cleared, since a stale entry of the same block id would otherwise be visible to the new request."""
         rows = _select_rows(admit, self.fresh_rows(prompt_tokens, prompt_len, knobs.max_new), state.rows)
-        return state._replace(rows=rows, cache=_cond(jnp.any(admit), lambda c: self._clear_cache(c, admit), state.cache))
+        return state._replace(rows=rows, cache=_run_if(jnp.any(admit), lambda c: self._clear_cache(c, admit), state.cache))
 
     def _clear_cache(self, cache: Any, admit: jax.Array) -> Any:
         s = self.s
@@ -735,8 +798,14 @@ class SlotView(NamedTuple):
 
 
 def _param_devices(params: Any) -> set:
-    """The devices the parameters live on (empty for leaves that are not JAX arrays)."""
-    return {d for leaf in jax.tree.leaves(params) for d in getattr(leaf, "devices", set)()}
+    """The devices the parameters live on (abstract ones by their sharding; empty for leaves that have neither)."""
+    found = set()
+    for leaf in jax.tree.leaves(params):
+        if hasattr(leaf, "devices"):
+            found |= set(leaf.devices())
+        elif getattr(leaf, "sharding", None) is not None:
+            found |= set(leaf.sharding.device_set)
+    return found
 
 
 def _platform(params: Any) -> str:
@@ -833,7 +902,8 @@ class Slots:
         self.config = config
         self.forward = forward
         self.schedule = resolve_schedule(schedule, _platform(forward.params))
-        static = _Static(config, forward.apply, forward.make_cache, int(eos_id), ids, int(vocab_size), None)
+        static = _Static(config, forward.apply, forward.make_cache, forward.head, int(eos_id), ids, int(vocab_size),
+                         None)
         self._program = _Program(static)
         self._serve = jax.jit(self._serve_raw, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
         b = config.batch_size
@@ -866,6 +936,18 @@ class Slots:
         state, view = self._serve(state, params, np.asarray(admit, bool), np.asarray(prompt_tokens, np.int32),
                                   np.asarray(prompt_len, np.int32), knobs, np.int32(iterations), np.bool_(until_finish))
         return state, jax.device_get(view)
+
+    def lower(self, sharding: Any, iterations: int = 16) -> Any:
+        """The serving program (refill + chunk) lowered for the parameters' placement with abstract inputs placed by
+        ``sharding`` (a `jax.stages.Lowered`; `pdjax.aot` compiles it for a TPU chip on any machine)."""
+        c = self.config
+        b = c.batch_size
+        knobs = stack_knobs([host_knobs(DecodeOptions(), c.max_length)] * b)
+        args = (jax.eval_shape(self._empty), np.ones(b, bool), np.zeros((b, c.max_length + 1), np.int32),
+                np.ones(b, np.int32), knobs, np.int32(iterations), np.bool_(False))
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
+        state, rest = args[0], args[1:]
+        return self._serve.lower(state, self.forward.params, *rest)
 
     def export(self, platforms: Sequence[str] = ("tpu",), iterations: int = 4) -> Any:
         """The serving program (refill + chunk) lowered for `platforms` (a `jax.export.Exported`), e.g. to check

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdjax.decode.api import DecodeInputError, DecodeResult, vocab_size_of
-from pdjax.decode.forward import Forward, model_forward
+from pdjax.decode.forward import Forward, full_logits, model_forward
 from pdjax.decode.sampling import SamplingParams, sample
 from pdjax.decode.stats import DecodeStats
 from pdjax.model.transformer import shift_logits
@@ -174,7 +174,7 @@ class _Program:
     """The jit-compiled sampler: ``run(params, batch, knobs) -> tokens [B, L]``."""
 
     def __init__(self, forward: Forward, mask_id: int):
-        self.apply = forward.apply
+        self.forward = forward
         self.mask_id = mask_id
 
     def run(self, params: Any, batch: _Batch, sampling: SamplingParams, alg: jax.Array,
@@ -184,7 +184,7 @@ class _Program:
         keys = jax.vmap(lambda r: row_key(batch.seed, r))(jnp.arange(b))
 
         def step(i: jax.Array, x: jax.Array) -> jax.Array:
-            logits, _ = self.apply(params, x, segments, None)
+            logits, _ = full_logits(self.forward, params, x, segments)
             logits = shift_logits(logits)
             live = i < batch.steps  # rows whose schedule is not finished
             masked = (x == self.mask_id) & batch.valid & live[:, None]

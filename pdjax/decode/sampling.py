@@ -108,14 +108,31 @@ def _nucleus_top_k(logits: jax.Array, params: SamplingParams, needed: jax.Array)
 
 
 def _sort_rows(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array) -> jax.Array:
-    """``filtered`` with the rows not ``done`` replaced by the sort's; only those rows (in a group of 1, 4, 16, 64
-    or all rows) are sorted, so a batch of serving rows with a few flat distributions never sorts every row."""
+    """``filtered`` with the rows not ``done`` replaced by the sort's; only those rows are sorted, so a batch of
+    serving rows with a few flat distributions never sorts every row.
+
+    Off a TPU they are sorted in one group of 1, 4, 16, 64 or all rows; on a TPU, where each sort shape
+    is minutes of compile for a large vocabulary, `SORT_GROUP` rows at a time in a loop (one shape).
+    """
+    return jax.lax.platform_dependent(logits, params, filtered, done, tpu=sort_rows_looped, default=sort_rows_grouped)
+
+
+SORT_GROUP = 8  # rows per sort on a TPU
+
+
+def _flat_rows(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array):
+    """Rows flattened to [N, V], the per-row top_p / top_k [N], and the order that puts rows to sort first."""
     vocab = logits.shape[-1]
-    flat, out, todo = logits.reshape(-1, vocab), filtered.reshape(-1, vocab), ~done.reshape(-1)
-    n = flat.shape[0]
     knob = lambda k: jnp.broadcast_to(_per_row(k, logits.ndim), logits.shape[:-1] + (1,)).reshape(-1)  # noqa: E731
-    top_p, top_k = knob(params.top_p), knob(params.top_k)
-    order = jnp.argsort(done.reshape(-1), stable=True)  # the rows to sort first
+    order = jnp.argsort(done.reshape(-1), stable=True)
+    return (logits.reshape(-1, vocab), filtered.reshape(-1, vocab), ~done.reshape(-1), knob(params.top_p),
+            knob(params.top_k), order)
+
+
+def sort_rows_grouped(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array) -> jax.Array:
+    """`_sort_rows` with one sort of the first 1, 4, 16, 64 or all rows to sort (the fewest that hold them)."""
+    flat, out, todo, top_p, top_k, order = _flat_rows(logits, params, filtered, done)
+    n = flat.shape[0]
     sizes = sorted({min(s, n) for s in (1, 4, 16, 64)} | {n})
 
     def sort_first(size: int, out: jax.Array) -> jax.Array:
@@ -127,6 +144,25 @@ def _sort_rows(logits: jax.Array, params: SamplingParams, filtered: jax.Array, d
     index = jnp.sum(count > jnp.asarray(sizes[:-1]))
     branches = [lambda out: out] + [functools.partial(sort_first, size) for size in sizes]
     return jax.lax.switch(jnp.where(count > 0, index + 1, 0), branches, out).reshape(logits.shape)
+
+
+def sort_rows_looped(logits: jax.Array, params: SamplingParams, filtered: jax.Array, done: jax.Array) -> jax.Array:
+    """`_sort_rows` with the rows to sort taken `SORT_GROUP` at a time by a while loop (one sort shape)."""
+    flat, out, todo, top_p, top_k, order = _flat_rows(logits, params, filtered, done)
+    n = flat.shape[0]
+    group = min(SORT_GROUP, n)
+    order = jnp.pad(order, (0, group))
+    count = jnp.sum(todo, dtype=jnp.int32)
+
+    def body(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        start, out = carry
+        at = jax.lax.dynamic_slice_in_dim(order, start, group)
+        part = _nucleus_top_k_sorted(flat[at], params._replace(top_p=top_p[at], top_k=top_k[at]))
+        target = jnp.where(start + jnp.arange(group) < count, at, n)  # past the rows to sort: dropped
+        return start + group, out.at[target].set(part, mode="drop")
+
+    out = jax.lax.while_loop(lambda c: c[0] < count, body, (jnp.int32(0), out))[1]
+    return out.reshape(logits.shape)
 
 
 def _mass_tolerance(vocab: int) -> float:

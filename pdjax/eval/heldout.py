@@ -8,7 +8,6 @@ The programs are chosen for a compute-bound CPU, and none of the choices changes
 - batch 1 for pd and diffusion: a batched call is as wide as its widest row, so in a batch a
   row that takes a plan step pays for a neighbour's denoising window; on 2 CPU cores batch 1
   decodes PD ~3x faster than batch 16. AR rows are all one token wide and batch well.
-- ``compact`` calls: a denoising call samples only its masked positions (~1/3 less time).
 - finer window buckets for pd (every 32 tokens to 256, then every 64) instead of powers of
   two: a 3-4 span group of ~200 tokens is no longer padded to 256 (or a 260-token one to 512).
 - diffusion: the cache as long as the longest prompt plus the masks, and a bucket of exactly
@@ -52,14 +51,14 @@ def decode_config(mode: str, *, max_length: int = PD_MAX_LENGTH, batch_size: int
         return DecodeConfig("ar", max_length=max_length, batch_size=batch_size or AR_BATCH_SIZE, profile=profile)
     if mode == "pd":
         return DecodeConfig("pd", max_length=max_length, batch_size=batch_size or 1, buckets=fine_buckets(max_length),
-                            compact=True, profile=profile)
+                            profile=profile)
     if mode == "diffusion":
         if masks is None or longest_prompt is None:
             raise ValueError("diffusion needs the mask count and the longest prompt's length")
         window = masks + 1  # the anchor (the prompt's last token) and the masks
         buckets = tuple(2**p for p in range(5, 31) if 2**p < window) + (window,)
         return DecodeConfig("diffusion", max_length=longest_prompt + masks, batch_size=batch_size or 1,
-                            buckets=buckets, compact=True, profile=profile)
+                            buckets=buckets, profile=profile)
     raise ValueError(f"unknown mode {mode!r}")
 
 

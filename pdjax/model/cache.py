@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
 
 class KVCache(NamedTuple):
-    """k, v: [num_layers, B, S, Nkv, H]; segments: `Segments` of [B, S] int32 arrays (a JAX pytree)."""
+    """k, v: [num_layers, B, S, Nkv * H]; segments: `Segments` of [B, S] int32 arrays (a JAX pytree).
+
+    A slot's heads are one row of Nkv * H values, so a write is whole rows and the TPU compiler keeps one
+    layout for the cache everywhere (with [..., Nkv, H] minor dimensions it tiled the scatter's operand
+    otherwise than the loop's and copied the whole cache, twice per compiled call width).
+    """
 
     k: jax.Array
     v: jax.Array
@@ -37,7 +42,7 @@ class KVCache(NamedTuple):
 def init_cache(config: "DreamConfig", batch: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache for `batch` examples of up to `max_length` positions (dtype: the compute dtype)."""
     dtype = config.dtype if dtype is None else jnp.dtype(dtype)
-    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, max_length, config.num_kv_heads * config.head_dim)
     slots = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
     zeros = jnp.zeros((batch, max_length), jnp.int32)
     segments = Segments(
@@ -67,9 +72,18 @@ def write_segments(cache_segments: Segments, segments: Segments) -> Segments:
     )
 
 
-def write_kv(layer_cache: jax.Array, position: jax.Array, new: jax.Array) -> jax.Array:
-    """One layer's cache [B, S, Nkv, H] with new keys or values [B, T, Nkv, H] written at position [B, T]."""
-    return _scatter_rows(layer_cache, position, new)
+def write_kv(stack: jax.Array, layer: jax.Array, position: jax.Array, new: jax.Array) -> jax.Array:
+    """The cache of every layer [L, B, S, Nkv * H] with new keys or values [B, T, Nkv, H] of `layer` written at
+    position [B, T] (in place under jit; positions outside [0, S) are dropped)."""
+    b, t = position.shape
+    rows = jnp.arange(stack.shape[1])[:, None]
+    return stack.at[layer, rows, position].set(new.reshape(b, t, -1).astype(stack.dtype), mode="drop")
+
+
+def read_kv(stack: jax.Array, layer: jax.Array, num_kv_heads: int) -> jax.Array:
+    """One layer's keys or values [B, S, Nkv, H] from the stack [L, B, S, Nkv * H]."""
+    one = jax.lax.dynamic_index_in_dim(stack, layer, 0, keepdims=False)
+    return one.reshape(*one.shape[:-1], num_kv_heads, -1)
 
 
 def cache_bytes(config: "DreamConfig", batch: int, max_length: int, dtype: Any = None) -> int:

@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pdjax.attention import attention
-from pdjax.model.cache import KVCache, write_kv, write_segments
+from pdjax.attention.reference import SCORE_BYTES
+from pdjax.model.cache import KVCache, read_kv, write_kv, write_segments
 from pdjax.model.config import DreamConfig
 from pdjax.model.layers import apply_rope, normal, ones, param, rms_norm, rope_tables, zeros
 from pdjax.model.sharding import constrain, logical_to_spec
@@ -52,8 +53,12 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, c: DreamConfig) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, c: DreamConfig,
+           cached: bool = False) -> jax.Array:
     """`pdjax.attention.attention` with the config's implementation and options.
+
+    A ``cached`` call (decoding over a KV cache) of the `xla` reference bounds its float32 scores to
+    `SCORE_BYTES` by taking its queries a block at a time.
 
     XLA partitions the `xla` reference like any jnp code, but not a Pallas call:
     under a mesh, kernels run per shard in `shard_map`, batch split like the
@@ -61,6 +66,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Se
     kv group, so each shard holds whole GQA groups).
     """
     options = dict(c.attention_options)
+    if cached and c.attention_impl == "xla":
+        options.setdefault("score_bytes", SCORE_BYTES)
     mesh = jax.sharding.get_abstract_mesh()
     if c.attention_impl == "xla" or mesh.empty:
         return attention(q, k, v, q_seg, kv_seg, impl=c.attention_impl, **options)
@@ -125,7 +132,8 @@ class DecoderLayers(nnx.Module):
         c = self.config
         weights = {name: getattr(self, name)[...] for name in LAYER_AXES}
 
-        def layer(x: jax.Array, w: dict[str, jax.Array], layer_k: jax.Array | None, layer_v: jax.Array | None):
+        def layer(x: jax.Array, w: dict[str, jax.Array], stack_k: jax.Array | None, stack_v: jax.Array | None,
+                  index: jax.Array | None = None):
             w = {name: value.astype(c.dtype) for name, value in w.items()}
             h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
             q = jnp.einsum("btd,nhd->btnh", h, w["q_proj"]) + w["q_bias"]
@@ -134,11 +142,12 @@ class DecoderLayers(nnx.Module):
             q = constrain(apply_rope(q, *rope), ("act_batch", "act_length", "act_heads", None), c.axis_rules)
             k = constrain(apply_rope(k, *rope), ("act_batch", "act_length", "act_kv_heads", None), c.axis_rules)
             v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None), c.axis_rules)
-            if layer_k is not None:
-                layer_k = write_kv(layer_k, q_seg.position, k)
-                layer_v = write_kv(layer_v, q_seg.position, v)
-                k, v = layer_k.astype(c.dtype), layer_v.astype(c.dtype)
-            out = attend(q, k, v, q_seg, kv_seg, c)
+            if stack_k is not None:
+                stack_k = write_kv(stack_k, index, q_seg.position, k)
+                stack_v = write_kv(stack_v, index, q_seg.position, v)
+                k = read_kv(stack_k, index, c.num_kv_heads).astype(c.dtype)
+                v = read_kv(stack_v, index, c.num_kv_heads).astype(c.dtype)
+            out = attend(q, k, v, q_seg, kv_seg, c, cached=stack_k is not None)
             x = x + jnp.einsum("btnh,dnh->btd", out, w["o_proj"])
             x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
             h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
@@ -147,7 +156,7 @@ class DecoderLayers(nnx.Module):
             hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"), c.axis_rules)
             x = x + jnp.einsum("btf,df->btd", hidden, w["down_proj"])
             x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
-            return x, layer_k, layer_v
+            return x, stack_k, stack_v
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[c.remat], prevent_cse=False)
@@ -161,12 +170,14 @@ class DecoderLayers(nnx.Module):
             x, _ = jax.lax.scan(body, x, weights)
             return x, None
 
-        def cached_body(x, inputs):
-            w, layer_k, layer_v = inputs
-            x, layer_k, layer_v = layer(x, w, layer_k, layer_v)
-            return x, (layer_k, layer_v)
+        # the whole cache is carried and each layer writes its slice in place: as scanned inputs and
+        # outputs it would be two more copies of the cache (one read, one written), per compiled call
+        def cached_body(carry, w):
+            x, stack_k, stack_v, index = carry
+            x, stack_k, stack_v = layer(x, w, stack_k, stack_v, index)
+            return (x, stack_k, stack_v, index + 1), None
 
-        x, (new_k, new_v) = jax.lax.scan(cached_body, x, (weights, cache.k, cache.v))
+        (x, new_k, new_v, _), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v, jnp.int32(0)), weights)
         return x, (new_k, new_v)
 
 
@@ -194,6 +205,16 @@ class DreamModel(nnx.Module):
     def __call__(
         self, tokens: jax.Array, segments: Segments, cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache | None]:
+        hidden, new_cache = self.hidden(tokens, segments, cache)
+        return self.head(hidden), new_cache
+
+    def hidden(
+        self, tokens: jax.Array, segments: Segments, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache: `__call__` without the head.
+
+        A decoder applies `head` only where it samples, so no [T, V] logits exist for positions it never reads.
+        """
         c = self.config
         tokens = jnp.asarray(tokens, jnp.int32)
         segments = Segments(*(jnp.asarray(a, jnp.int32) for a in segments))
@@ -207,11 +228,16 @@ class DreamModel(nnx.Module):
             kv_seg = write_segments(cache.segments, segments)
             x, (new_k, new_v) = self.layers(x, rope, segments, kv_seg, cache)
             new_cache = KVCache(new_k, new_v, kv_seg)
-        x = rms_norm(x, self.norm[...], c.rms_norm_eps)
+        return rms_norm(x, self.norm[...], c.rms_norm_eps), new_cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., V] of hidden states [..., D] (the LM head, or the tied embedding)."""
+        c = self.config
         head = self.embed_tokens[...] if c.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,vd->btv", x, head.astype(c.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), c.axis_rules)
-        return logits, new_cache
+        logits = jnp.einsum("...d,vd->...v", hidden, head.astype(c.dtype), preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), c.axis_rules)
+        return logits
 
 
 def shift_logits(logits: jax.Array) -> jax.Array:

@@ -84,16 +84,17 @@ def presets() -> list[str]:
     )
 
 
+def model_numerics(cfg: TrainConfig) -> dict[str, Any]:
+    """The `DreamConfig` fields a run sets on any checkpoint or preset: dtypes, remat and attention."""
+    m = cfg.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
+                attention_options=tuple(sorted(m.attention_options.items())))
+
+
 def model_config(cfg: TrainConfig, tokenizer: Any) -> DreamConfig:
     """The `DreamConfig` of the run: a checkpoint's config.json, else a preset, with the run's numerics."""
     m = cfg.model
-    numerics = dict(
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        attention_impl=m.attention_impl,
-        attention_options=tuple(sorted(m.attention_options.items())),
-    )
+    numerics = model_numerics(cfg)
     vocab_needed = len(tokenizer)
     if m.checkpoint is not None:
         config = DreamConfig.from_hf(os.path.expanduser(m.checkpoint), **numerics)
@@ -117,6 +118,49 @@ def model_config(cfg: TrainConfig, tokenizer: Any) -> DreamConfig:
             raise ValueError(f"model.vocab_size {m.vocab_size} is smaller than the tokenizer ({vocab_needed} tokens)")
         vocab = -(-vocab_needed // 128) * 128
     return getattr(DreamConfig, m.preset)(**{**m.preset_args, "vocab_size": vocab, **numerics})
+
+
+def train_step_for(cfg: TrainConfig, config: DreamConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, total_steps: int, mesh: Mesh, state_shardings_: TrainState,
+                   frozen_shardings: Any, mask_id: int) -> Callable:
+    """The jitted train step of a run (`jit_train_step`), reused from `_STEP_CACHE` for the same setup."""
+    lora_cfg = cfg.lora if cfg.lora.enabled else None
+    options = StepOptions(cfg.loss_config, mask_id=mask_id, grad_accum=cfg.grad_accum, lora=lora_cfg)
+    batch_shape = (cfg.data.batch_size, cfg.data.row_length)
+    batch_shardings = {k: batch_sharding(mesh, config.axis_rules, batch_shape) for k in BATCH_KEYS}
+    key = (config, cfg.optimizer, total_steps, options, mesh, batch_shape)
+    step_fn = _STEP_CACHE.get(key)
+    if step_fn is None:
+        step_fn = jit_train_step(
+            make_train_step(graphdef, tx, schedule, options), state_shardings_, frozen_shardings, batch_shardings, mesh
+        )
+        while len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        _STEP_CACHE[key] = step_fn
+    return step_fn
+
+
+def abstract_train_step(cfg: TrainConfig, config: DreamConfig, mesh: Mesh, mask_id: int,
+                        total_steps: int) -> tuple[Callable, tuple[Any, Any, dict[str, jax.ShapeDtypeStruct]]]:
+    """The jitted step `Trainer.create` builds for `cfg` on `mesh`, and abstract arguments for it (state, frozen
+    weights, batch) with their shardings: ``step.lower(*args).compile()`` compiles exactly the step a run makes,
+    with no weights read or made (`pdjax.aot train`)."""
+    rules = config.axis_rules
+    lora_cfg = cfg.lora if cfg.lora.enabled else None
+    graphdef, params_state, rest = nnx.split(abstract_model(config, mesh), nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the model holds non-parameter state; the train step only carries parameters")
+    base = nnx.to_pure_dict(params_state)
+    base_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh, rules))
+    schedule = learning_rate_schedule(cfg.optimizer, total_steps)
+    tx = make_optimizer(cfg.optimizer, total_steps)
+    abstract_state, state_shardings_, frozen_shardings = state_layout(base, base_shardings, tx, mesh, rules, lora_cfg)
+    frozen = {"base": base} if lora_cfg is not None else {}
+    step_fn = train_step_for(cfg, config, graphdef, tx, schedule, total_steps, mesh, state_shardings_,
+                             frozen_shardings, mask_id)
+    shape = (cfg.data.batch_size, cfg.data.row_length)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, rules, shape)) for k in BATCH_KEYS}
+    return step_fn.jitted, (abstract_state, frozen, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,18 +324,8 @@ class Trainer:
         if lora_cfg is None:
             del base  # the state owns the parameters now
 
-        options = StepOptions(cfg.loss_config, mask_id=ids.mask, grad_accum=cfg.grad_accum, lora=lora_cfg)
-        batch_shape = (cfg.data.batch_size, cfg.data.row_length)
-        batch_shardings = {k: batch_sharding(mesh, rules, batch_shape) for k in BATCH_KEYS}
-        key = (config, cfg.optimizer, total_steps, options, mesh, batch_shape)
-        step_fn = _STEP_CACHE.get(key)
-        if step_fn is None:
-            step_fn = jit_train_step(
-                make_train_step(graphdef, tx, schedule, options), state_shardings_, frozen_shardings, batch_shardings, mesh
-            )
-            while len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
-                _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-            _STEP_CACHE[key] = step_fn
+        step_fn = train_step_for(cfg, config, graphdef, tx, schedule, total_steps, mesh, state_shardings_,
+                                 frozen_shardings, ids.mask)
         return cls(
             cfg=cfg,
             mesh=mesh,

@@ -1,0 +1,3 @@
+from pdjax.aot.cli import main
+
+raise SystemExit(main())
