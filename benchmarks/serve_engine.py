@@ -136,7 +136,7 @@ def main() -> int:
     if not modes or set(modes) - {"pd", "ar"}:
         p.error(f"--modes takes pd, ar or pd,ar; got {args.modes!r}")
     schedules = [x.strip() for x in args.schedules.split(",") if x.strip()]
-    from pdjax.decode.decoder import SCHEDULES
+    from pdjax.decode.slots import SCHEDULES
 
     if not schedules or set(schedules) - set(SCHEDULES):
         p.error(f"--schedules takes auto, split and/or shared; got {args.schedules!r}")

@@ -9,13 +9,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pdjax"
 MAX_LINES = 600
-# Split by the lead engineer after the TPU-compile decoder changes (issue 29, part 2); this list empties then.
-OVER_LIMIT_PENDING = {"pdjax/decode/decoder.py"}
 
 
 def module_name(path: Path) -> str:
@@ -129,12 +125,5 @@ def _line_counts() -> dict[str, int]:
 
 
 def test_no_file_in_pdjax_is_over_600_lines():
-    over = {f: n for f, n in _line_counts().items() if n > MAX_LINES and f not in OVER_LIMIT_PENDING}
+    over = {f: n for f, n in _line_counts().items() if n > MAX_LINES}
     assert over == {}
-
-
-@pytest.mark.parametrize("path", sorted(OVER_LIMIT_PENDING))
-@pytest.mark.xfail(strict=True, reason="pdjax/decode/decoder.py: its serving slots move to their own module after "
-                   "the TPU-compile decoder changes land (issue 29, part 2)")
-def test_pending_split(path):
-    assert _line_counts()[path] <= MAX_LINES

@@ -484,7 +484,7 @@ def test_a_server_with_two_replicas_answers_as_the_cli(greedy):
 
 
 def test_schedule_auto_is_split_on_a_cpu_and_shared_on_an_accelerator():
-    from pdjax.decode.decoder import resolve_schedule
+    from pdjax.decode.slots import resolve_schedule
 
     assert [resolve_schedule("auto", p) for p in ("cpu", "tpu", "gpu")] == ["split", "shared", "shared"]
     assert [resolve_schedule(s, "tpu") for s in ("split", "shared")] == ["split", "shared"]

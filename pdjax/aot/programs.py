@@ -129,7 +129,7 @@ def serve_program(model: ModelSpec, device: Any, *, mode: str, batch_size: int, 
     """The `pdjax.serve` engine's program (refill + a chunk of iterations over `batch_size` slots, lowered for
     `device`; ``auto`` schedules as on a TPU) and its analytic estimate."""
     from pdjax.decode.api import vocab_size_of
-    from pdjax.decode.decoder import Slots
+    from pdjax.decode.slots import Slots
 
     sharding = jax.sharding.SingleDeviceSharding(device)
     config = _decode_config(model, mode, batch_size, max_length, max_spans, buckets)

@@ -20,13 +20,15 @@ Each loop iteration makes exactly one batched model call that serves every
 unfinished example in whatever phase it is: each example contributes a window
 of tokens (its prompt, its last plan token, its group, or its group + sync)
 and the call's width is the smallest static bucket (`DecodeConfig.windows`)
-that holds the widest window, chosen with `lax.switch`. The compiled program
+that holds the widest window (`_switch_in_place`). The compiled program
 therefore holds one forward per bucket, whatever the prompt lengths. Slot =
 position (no left padding); the unused part of a window writes to a scratch
 slot (position ``max_length``) with ``visible_from = NEVER`` and doc 0, which
-no query ever sees. Finished examples take no part; denoising-only work
-(sampling every window position, the per-span selection) and the layout are
-skipped with `lax.cond` when no example needs them.
+no query ever sees. Logits exist only where a token is sampled: each AR row's
+one position, and a window's masked positions a chunk at a time (`_draw`).
+Finished examples take no part; denoising-only work and the layout are
+skipped with `lax.cond` when no example needs them. Serving (slots refilled
+between chunks of the loop) is `pdjax.decode.slots`.
 
 Modes: ``pd`` (planned diffusion), ``ar`` (causal decoding with the cache, no
 plan handling: it needs only the eos id) and ``diffusion`` (Dream's diffusion:
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +53,22 @@ import numpy as np
 
 from pdjax.decode import layout as lay
 from pdjax.decode import schedule as sch
-from pdjax.decode.sampling import ALGS, Sample, SamplingParams, sample
+from pdjax.decode.knobs import (  # noqa: F401 (the decoder's public names; they live in knobs.py)
+    DECODE_MODES,
+    SAMPLE_CHUNK_BYTES,
+    DecodeConfig,
+    DecodeMode,
+    DecodeOptions,
+    Knobs,
+    host_knobs,
+    make_knobs,
+    per_row,
+    sample_chunk,
+    stack_knobs,
+)
+from pdjax.decode.sampling import Sample, SamplingParams, sample
 from pdjax.decode.stats import Profiler
 from pdjax.structure import NEVER, ControlIds, Role, Segments
-
-DecodeMode = Literal["pd", "ar", "diffusion"]
-DECODE_MODES: tuple[str, ...] = ("pd", "ar", "diffusion")
 
 # XLA may keep bf16 intermediates in f32 inside a fusion ("excess precision"), and fuses differently
 # per shape: a row's logits would then depend on the batch it shares a call with, and a served request
@@ -67,109 +79,6 @@ PREFILL, PLAN, DENOISE, COMMIT, DONE = 0, 1, 2, 3, 4  # an example's phase; CALL
 RUNNING, FINISHED_EOS, FINISHED_LENGTH = 0, 1, 2
 FINISH_REASONS = {RUNNING: "running", FINISHED_EOS: "eos", FINISHED_LENGTH: "length"}
 CALL_KINDS = ("prefill", "plan", "denoise", "commit")  # = phases 0..3
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """What fixes a compiled program: mode, shapes and buckets (hashable; one compile per value).
-
-    ``max_length`` counts prompt + response. ``buckets`` are the static window sizes of
-    prefill, denoising and commit calls (default: powers of two from 32, then ``max_length``).
-    ``max_spans`` bounds the promises of one round (the plan grammar stops opening more).
-    ``profile`` adds host callbacks that time each kind of model call (off by default: the
-    default program makes no host round trip). ``sample_chunk`` is the most positions whose
-    logits exist at once: a denoising call samples only its masked positions, that many at a
-    time (0: as many as fit `SAMPLE_CHUNK_BYTES` of float32 logits). It bounds the decoder's
-    temporaries (a window of 2,048 x Dream's 152,064-token vocabulary would be 1.2 GiB per array,
-    per row) and changes no token.
-    """
-
-    mode: DecodeMode = "pd"
-    max_length: int = 2048
-    batch_size: int = 1
-    max_spans: int = 16
-    buckets: tuple[int, ...] = ()
-    profile: bool = False
-    sample_chunk: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in DECODE_MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; expected one of {DECODE_MODES}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.batch_size < 1 or self.max_spans < 1:
-            raise ValueError("batch_size and max_spans must be >= 1")
-        if any(b < 1 for b in self.buckets):
-            raise ValueError(f"buckets must be positive, got {self.buckets}")
-        if self.sample_chunk < 0:
-            raise ValueError(f"sample_chunk must be >= 0 (0: automatic), got {self.sample_chunk}")
-
-    @property
-    def windows(self) -> tuple[int, ...]:
-        """The sorted static call widths: 1 (plan steps), the buckets, and max_length (every window fits)."""
-        sizes = self.buckets or tuple(2**p for p in range(5, 31) if 2**p < self.max_length)
-        return tuple(sorted({min(b, self.max_length) for b in sizes} | {1, self.max_length}))
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-    """Run-time knobs, with the released decoder's names; changing them never recompiles.
-
-    ``confidence_threshold`` (None: off) switches to the threshold variant, which ranks by
-    the sampled token's probability (the released ``pd_confidence_threshold``; ``alg`` is
-    then unused). ``dense`` is PD-DA (``--disable_block_sparsity``): one block per group.
-    ``max_new_tokens`` caps each response below ``max_length`` (in diffusion mode: exactly that
-    many masks, prompt length permitting) without recompiling.
-    """
-
-    steps_ratio: float = 1.0
-    confidence_threshold: float | None = None
-    length_scale: float = 10.0
-    alg: str = "entropy"
-    temperature: float = 0.2
-    top_p: float | None = 0.95
-    top_k: int | None = None
-    dense: bool = False
-    seed: int = 0
-    max_new_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
-        SamplingParams.check(self.temperature, self.top_p, self.top_k, self.alg)  # no device: a default at import
-        lay.length_table(self.length_scale)
-        sch.steps_table(1, self.steps_ratio)
-
-
-class Knobs(NamedTuple):
-    """The traced form of `DecodeOptions`: every leaf a scalar (one run) or with a leading [B] axis (per row).
-
-    The program works on per-row knobs (`per_row`), so the slots of a serving batch can hold
-    requests with different settings in one compiled program.
-    """
-
-    sampling: SamplingParams
-    threshold: jax.Array  # float32; < 0 means off
-    dense: jax.Array  # bool
-    steps: jax.Array  # [max_length + 1] int32: steps_table
-    lengths: jax.Array  # [100] int32: length_table
-    key: jax.Array  # typed PRNG key
-    max_new: jax.Array  # int32: response budget per request (max_length when off)
-
-
-def per_row(knobs: Knobs, batch: int) -> Knobs:
-    """Knobs with a leading [batch] axis on every leaf (scalar leaves broadcast, per-row leaves kept)."""
-    if knobs.threshold.ndim == 1:
-        return knobs
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), knobs)
-
-
-def make_knobs(options: DecodeOptions, max_length: int) -> Knobs:
-    """Knobs for one run: `host_knobs` (tables in Python arithmetic, as the reference) as JAX arrays, the key typed."""
-    knobs = host_knobs(options, max_length)
-    return jax.tree.map(jnp.asarray, knobs._replace(key=None))._replace(key=jax.random.wrap_key_data(knobs.key))
 
 
 class Rows(NamedTuple):
@@ -251,18 +160,6 @@ class _Static:
     @property
     def scratch(self) -> int:
         return self.config.max_length
-
-
-SAMPLE_CHUNK_BYTES = 2**28  # float32 logits of one sampling chunk: 256 MiB ([256, 152,064] for Dream's vocabulary)
-
-
-def sample_chunk(config: DecodeConfig, vocab_size: int) -> int:
-    """Positions sampled at once (`DecodeConfig.sample_chunk`, or automatic): a power of two whose float32
-    logits fit `SAMPLE_CHUNK_BYTES`, and no more than a call can hold (batch x max_length)."""
-    if config.sample_chunk:
-        return config.sample_chunk
-    fits = max(1, SAMPLE_CHUNK_BYTES // (4 * vocab_size))
-    return min(1 << (fits.bit_length() - 1), 1 << (config.batch_size * config.max_length - 1).bit_length())
 
 
 def chunk_sizes(chunk: int, platform: str) -> tuple[int, ...]:
@@ -667,50 +564,10 @@ class _Program:
         state = State(rows, s.make_cache(s.config.batch_size, s.length), jnp.int32(0), jnp.zeros((4,), jnp.int32))
         return self._mark(state, jnp.zeros((4,), bool))
 
-    def split_step(self, state: State, params: Any, knobs: Knobs) -> State:
-        """`step` with every row's call at its own width: wide rows alone, the plan steps of all rows together.
-
-        Rows that prefill, denoise or commit each make a batch-1 call at their own bucket (the
-        `Decoder`'s call for a lone request); the rows that take a plan step then share one
-        width-1 call. One `step` pads every row to the widest window, which on a compute-bound
-        device costs more than the shared call saves. Each row still advances exactly one step.
-        """
-        rows = state.rows
-        b = rows.phase.shape[0]
-        axes = _cache_batch_axes(self.s.make_cache, self.s.length)
-        wide = (rows.phase != DONE) & (rows.phase != PLAN)
-
-        def take(tree: Any, i: jax.Array, tree_axes: Any = None) -> Any:
-            if tree_axes is None:
-                return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, 0), tree)
-            return jax.tree.map(lambda x, a: x if a is None else jax.lax.dynamic_slice_in_dim(x, i, 1, a),
-                                tree, tree_axes)
-
-        def put(tree: Any, part: Any, i: jax.Array, tree_axes: Any = None) -> Any:
-            if tree_axes is None:
-                return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, i, 0), tree, part)
-            return jax.tree.map(lambda x, y, a: y if a is None else jax.lax.dynamic_update_slice_in_dim(x, y, i, a),
-                                tree, part, tree_axes)
-
-        def alone(i: jax.Array, st: State) -> State:
-            def one(st: State) -> State:
-                sub = State(take(st.rows, i), take(st.cache, i, axes), st.iteration, st.batch_calls)
-                sub = self.step(sub, params, take(knobs, i))
-                return st._replace(rows=put(st.rows, sub.rows, i), cache=put(st.cache, sub.cache, i, axes),
-                                   batch_calls=sub.batch_calls)
-
-            return jax.lax.cond(wide[i], one, lambda s: s, st)
-
-        state = jax.lax.fori_loop(0, b, alone, state)
-        stepped = state.rows
-        narrow = state._replace(rows=rows._replace(phase=jnp.where(wide, DONE, rows.phase)))
-        narrow = _cond(jnp.any(rows.phase == PLAN), lambda st: self.step(st, params, knobs), narrow)
-        return narrow._replace(rows=_select_rows(wide, stepped, narrow.rows), iteration=state.iteration + 1)
-
     def chunk(self, state: State, params: Any, knobs: Knobs, iterations: jax.Array | int,
-              until_finish: jax.Array | bool = False, split: bool = False) -> State:
-        """At most `iterations` loop iterations; fewer once every example is done, or (`until_finish`)
-        as soon as one more example is done, so that a host can refill its row."""
+              until_finish: jax.Array | bool = False, step: Callable[..., State] | None = None) -> State:
+        """At most `iterations` loop iterations (each a `step`, default `self.step`); fewer once every example
+        is done, or (`until_finish`) as soon as one more example is done, so that a host can refill its row."""
         done_before = jnp.sum(state.rows.phase == DONE)
 
         def more(carry: tuple[State, jax.Array]) -> jax.Array:
@@ -718,7 +575,7 @@ class _Program:
             done = jnp.sum(st.rows.phase == DONE)
             return (done < st.rows.phase.shape[0]) & (i < iterations) & ~(until_finish & (done > done_before))
 
-        step = self.split_step if split else self.step
+        step = self.step if step is None else step
         state, _ = jax.lax.while_loop(more, lambda c: (step(c[0], params, knobs), c[1] + 1), (state, jnp.int32(0)))
         return state
 
@@ -731,234 +588,3 @@ class _Program:
         state = self.chunk(state, params, knobs, 2 * c.max_length + 8)
         r = state.rows
         return Output(r.tokens, r.n, r.finish, r.calls, r.rounds, r.groups, r.spans, state.iteration, state.batch_calls)
-
-    # ---- serving: refill finished rows between chunks -------------------------------------
-
-    def refill(self, state: State, admit: jax.Array, prompt_tokens: jax.Array, prompt_len: jax.Array,
-               knobs: Knobs) -> State:
-        """Rows where admit [B] start afresh on their new prompt (length 0 empties the row); their cache rows
-        are cleared, since a stale entry of the same block id would otherwise be visible to the new request."""
-        rows = _select_rows(admit, self.fresh_rows(prompt_tokens, prompt_len, knobs.max_new), state.rows)
-        return state._replace(rows=rows, cache=_run_if(jnp.any(admit), lambda c: self._clear_cache(c, admit), state.cache))
-
-    def _clear_cache(self, cache: Any, admit: jax.Array) -> Any:
-        s = self.s
-        empty = s.make_cache(s.config.batch_size, s.length)
-
-        def pick(new: jax.Array, old: jax.Array, axis: int | None) -> jax.Array:
-            if axis is None:
-                return old
-            shape = [1] * old.ndim
-            shape[axis] = admit.shape[0]
-            return jnp.where(admit.reshape(shape), new, old)
-
-        return jax.tree.map(pick, empty, cache, _cache_batch_axes(s.make_cache, s.length))
-
-    def serve(self, state: State, params: Any, admit: jax.Array, prompt_tokens: jax.Array, prompt_len: jax.Array,
-              knobs: Knobs, iterations: jax.Array, until_finish: jax.Array,
-              split: bool = False) -> tuple[State, "SlotView"]:
-        """One device call of a serving engine: refill the admitted rows, run a chunk, and return what the host reads.
-
-        ``split`` iterates with `split_step` (the `split` schedule); otherwise every iteration is one
-        `step` over all rows (the `shared` schedule)."""
-        state = self.chunk(self.refill(state, admit, prompt_tokens, prompt_len, knobs), params, knobs, iterations,
-                           until_finish, split=split)
-        r = state.rows
-        # what is final: everything written, except a group still being denoised (its masks)
-        final = jnp.where(r.phase == DENOISE, jnp.maximum(r.group_start, r.prompt_len), r.n)
-        view = SlotView(r.tokens, r.n, final, r.phase == DONE, r.finish, r.calls, r.rounds, r.groups, r.spans,
-                        state.iteration)
-        return state, view
-
-
-def _cache_batch_axes(make_cache: Any, length: int) -> Any:
-    """For each cache leaf, the axis that grows with the batch (None: a leaf shared by all rows)."""
-    two, three = (jax.eval_shape(lambda b=b: make_cache(b, length)) for b in (2, 3))
-
-    def axis(a: Any, b: Any) -> int | None:
-        differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
-        return differ[0] if differ else None
-
-    return jax.tree.map(axis, two, three)
-
-
-class SlotView(NamedTuple):
-    """What a serving host reads after each chunk, every field [B, ...] (the KV cache stays on device)."""
-
-    tokens: jax.Array
-    n: jax.Array  # written tokens (prompt included)
-    final: jax.Array  # tokens[:final] will not change any more
-    done: jax.Array
-    finish: jax.Array
-    calls: jax.Array
-    rounds: jax.Array
-    groups: jax.Array
-    spans: jax.Array
-    iteration: jax.Array  # loop iterations since the slots were created (all rows)
-
-
-def _param_devices(params: Any) -> set:
-    """The devices the parameters live on (abstract ones by their sharding; empty for leaves that have neither)."""
-    found = set()
-    for leaf in jax.tree.leaves(params):
-        if hasattr(leaf, "devices"):
-            found |= set(leaf.devices())
-        elif getattr(leaf, "sharding", None) is not None:
-            found |= set(leaf.sharding.device_set)
-    return found
-
-
-def _platform(params: Any) -> str:
-    """The platform ("cpu", "tpu", "gpu") the parameters live on (JAX's default backend if none says)."""
-    devices = _param_devices(params)
-    return next(iter(devices)).platform if devices else jax.default_backend()
-
-
-def host_knobs(options: DecodeOptions, max_length: int) -> Knobs:
-    """The knobs of `options` with NumPy leaves and the key as its raw data: one request's row of a serving batch.
-
-    Built in NumPy without a JAX dispatch (the server builds one per request on its event loop);
-    `make_knobs` is the same as JAX arrays (tests/test_decode_units.py checks both against JAX's own).
-    """
-    SamplingParams.check(options.temperature, options.top_p, options.top_k, options.alg)
-    return Knobs(
-        SamplingParams(np.asarray(options.temperature, np.float32),
-                       np.asarray(1.0 if options.top_p is None else options.top_p, np.float32),
-                       np.asarray(options.top_k or 0, np.int32), np.asarray(ALGS.index(options.alg), np.int32)),
-        np.asarray(-1.0 if options.confidence_threshold is None else options.confidence_threshold, np.float32),
-        np.asarray(options.dense, np.bool_),
-        _steps_table(max_length, options.steps_ratio),
-        _length_table(options.length_scale),
-        _key_data(options.seed),
-        np.asarray(max_length if options.max_new_tokens is None else options.max_new_tokens, np.int32),
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _steps_table(max_length: int, steps_ratio: float) -> np.ndarray:
-    table = sch.steps_table(max_length, steps_ratio)
-    table.flags.writeable = False
-    return table
-
-
-@functools.lru_cache(maxsize=64)
-def _length_table(length_scale: float) -> np.ndarray:
-    table = lay.length_table(length_scale)
-    table.flags.writeable = False
-    return table
-
-
-def _key_data(seed: int) -> np.ndarray:
-    """`jax.random.key_data(jax.random.key(seed))` as uint32 NumPy: computed on the host for the default
-    threefry keys of 32-bit seeds (the key is [0, seed mod 2**32]), else by JAX."""
-    if (not jax.config.jax_enable_x64 and jax.config.jax_default_prng_impl == "threefry2x32"
-            and -(2**31) <= seed < 2**32):
-        return np.array([0, seed % 2**32], np.uint32)
-    return np.asarray(jax.random.key_data(jax.random.key(seed)))
-
-
-def stack_knobs(rows: list[Knobs]) -> Knobs:
-    """Host knobs of B requests (`host_knobs`) as one per-row `Knobs` of [B, ...] NumPy arrays."""
-    return jax.tree.map(lambda *xs: np.stack(xs), *rows)
-
-
-SCHEDULES = ("auto", "split", "shared")
-
-
-def resolve_schedule(schedule: str, platform: str) -> str:
-    """`auto` is `split` on a CPU and `shared` on an accelerator; `split` and `shared` stay as they are.
-
-    On a CPU a wide call (prefill, denoising round, commit) is compute-bound even for one row, so
-    padding other rows to its width costs more than sharing the call saves (docs/serve_throughput.md);
-    on a TPU or GPU a call of a few rows costs about what one row's call costs (launch and weight reads),
-    so one call per iteration over every row is what batching buys.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if schedule == "auto":
-        return "split" if platform == "cpu" else "shared"
-    return schedule
-
-
-class Slots:
-    """The decoder as B fixed slots, refilled by the host between bounded chunks of loop iterations.
-
-    This is continuous batching (JetStream's decode slots): a request does not wait for
-    the batch to finish. Each `advance` is one device call and one host sync: rows the
-    host admits start their prefill inside that call's chunk, and the chunk runs at
-    most `iterations` iterations. How an iteration serves the rows is the ``schedule``
-    (`resolve_schedule`): ``shared`` makes one call over every row at the widest row's
-    window (the `Decoder`'s iteration); ``split`` (`_Program.split_step`) lets a row that
-    prefills, denoises or commits make its own batch-1 call at its own width (sampling
-    only its masked positions) while the plan steps of all rows share one width-1 call,
-    so no row is padded to a neighbour's window. One compiled program serves every prompt length,
-    knob value and chunk length (`compiled_programs` counts them). A row's answer is
-    the `Decoder`'s for the same prompt and options under either schedule: its randomness
-    comes from its own seed and call count, never from its neighbours or the chunking.
-    """
-
-    def __init__(self, forward: Any, *, eos_id: int, ids: ControlIds | None, config: DecodeConfig, vocab_size: int,
-                 schedule: str = "auto"):
-        self.config = config
-        self.forward = forward
-        self.schedule = resolve_schedule(schedule, _platform(forward.params))
-        static = _Static(config, forward.apply, forward.make_cache, forward.head, int(eos_id), ids, int(vocab_size),
-                         None)
-        self._program = _Program(static)
-        self._serve = jax.jit(self._serve_raw, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
-        b = config.batch_size
-        self._empty = jax.jit(lambda: self._program.init(jnp.zeros((b, config.max_length + 1), jnp.int32),
-                                                         jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)))
-
-    def _serve_raw(self, state: State, params: Any, admit: jax.Array, prompt_tokens: jax.Array,
-                   prompt_len: jax.Array, knobs: Knobs, iterations: jax.Array, until_finish: jax.Array):
-        knobs = knobs._replace(key=jax.random.wrap_key_data(knobs.key))
-        split = self.schedule == "split" and self.config.batch_size > 1
-        return self._program.serve(state, params, admit, prompt_tokens, prompt_len, knobs, iterations, until_finish,
-                                   split=split)
-
-    def empty(self) -> State:
-        """Slots with no request (every row done) and an empty KV cache.
-
-        Committed to the parameters' device: `advance` returns committed arrays, and an uncommitted
-        first state would compile the program a second time.
-        """
-        state = self._empty()
-        devices = _param_devices(self.forward.params)
-        return jax.device_put(state, devices.pop()) if len(devices) == 1 else state
-
-    def advance(self, state: State, admit: np.ndarray, prompt_tokens: np.ndarray, prompt_len: np.ndarray,
-                knobs: Knobs, iterations: int, until_finish: bool = False, params: Any = None) -> tuple[State, SlotView]:
-        """Admit rows (admit [B] bool; prompt_tokens [B, max_length + 1], prompt_len [B]; length 0 empties a
-        row), run at most `iterations` iterations, and return the new state (the old one is donated) and the
-        host view of the rows (`SlotView`, on the host)."""
-        params = self.forward.params if params is None else params
-        state, view = self._serve(state, params, np.asarray(admit, bool), np.asarray(prompt_tokens, np.int32),
-                                  np.asarray(prompt_len, np.int32), knobs, np.int32(iterations), np.bool_(until_finish))
-        return state, jax.device_get(view)
-
-    def lower(self, sharding: Any, iterations: int = 16) -> Any:
-        """The serving program (refill + chunk) lowered for the parameters' placement with abstract inputs placed by
-        ``sharding`` (a `jax.stages.Lowered`; `pdjax.aot` compiles it for a TPU chip on any machine)."""
-        c = self.config
-        b = c.batch_size
-        knobs = stack_knobs([host_knobs(DecodeOptions(), c.max_length)] * b)
-        args = (jax.eval_shape(self._empty), np.ones(b, bool), np.zeros((b, c.max_length + 1), np.int32),
-                np.ones(b, np.int32), knobs, np.int32(iterations), np.bool_(False))
-        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
-        state, rest = args[0], args[1:]
-        return self._serve.lower(state, self.forward.params, *rest)
-
-    def export(self, platforms: Sequence[str] = ("tpu",), iterations: int = 4) -> Any:
-        """The serving program (refill + chunk) lowered for `platforms` (a `jax.export.Exported`), e.g. to check
-        that the schedule lowers for TPU."""
-        c = self.config
-        b = c.batch_size
-        knobs = stack_knobs([host_knobs(DecodeOptions(), c.max_length)] * b)
-        return jax.export.export(self._serve, platforms=list(platforms))(
-            self._empty(), self.forward.params, np.ones(b, bool), np.zeros((b, c.max_length + 1), np.int32),
-            np.ones(b, np.int32), knobs, np.int32(iterations), np.bool_(False))
-
-    def compiled_programs(self) -> int:
-        """Programs compiled for `advance` so far (one; requests, knobs and chunk lengths never add any)."""
-        return int(self._serve._cache_size())

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from pdjax import compile_cache
 from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, buckets_type, cli_main, number_type
-from pdjax.decode.decoder import SCHEDULES
+from pdjax.decode.slots import SCHEDULES
 from pdjax.serve.access import ACCESS_LOGGER, check_api_key
 
 API_KEY_ENV = "PDJAX_API_KEY"

@@ -1,6 +1,6 @@
 """The serving engine: continuous batching over the decoder's slots, as a library object (no HTTP).
 
-JetStream's orchestrator in miniature: B decode slots (`pdjax.decode.decoder.Slots`)
+JetStream's orchestrator in miniature: B decode slots (`pdjax.decode.slots.Slots`)
 and a FIFO queue. Each `step` is one device call and one host sync: slots whose
 request finished (or was cancelled) are refilled from the queue, their prefill
 joins the chunk, the chunk runs at most `chunk` loop iterations (it ends early
@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pdjax.decode.api import DecodeInputError, Decoder, DecodeResult
-from pdjax.decode.decoder import DecodeOptions, Output, Slots, host_knobs, stack_knobs
+from pdjax.decode.decoder import DecodeOptions, Output, host_knobs, stack_knobs
+from pdjax.decode.slots import Slots
 
 
 class QueueFull(Exception):
@@ -108,7 +109,7 @@ class Engine:
     slots between chunks); ``max_queue`` bounds the requests waiting for a slot. ``static``
     admits requests only when every slot is free (static batches: the baseline that continuous
     batching is measured against in `benchmarks/serve_load.py`). ``schedule`` is how one loop
-    iteration serves the slots (`pdjax.decode.decoder.resolve_schedule`: ``auto``, ``split`` or ``shared``).
+    iteration serves the slots (`pdjax.decode.slots.resolve_schedule`: ``auto``, ``split`` or ``shared``).
     """
 
     def __init__(self, decoder: Decoder, *, chunk: int = 16, max_queue: int = 1024, static: bool = False,
