@@ -5,7 +5,8 @@ pdjax recipe, per document of a packed row:
 - the noise level t ~ U(eps, 1) is drawn per document;
 - every span content token (`Role.SPAN`: text and `[PAD]`, not the tags) is
   replaced by `<|mask|>` with probability t;
-- a masked token j is predicted from position j-1 (`pdjax.model.shift_logits`),
+- a masked token j is predicted from position j-1 (Dream's reading, `pdjax.model.shift_logits`; here by
+  shifting the targets, which leaves no shifted copy of the logits),
   its cross-entropy weighted 1/t;
 - AR targets are `pdjax.structure.ar_targets` (computed here on device, row-local);
 - loss = (sum AR losses + sum weighted diffusion losses) / (response tokens).
@@ -33,7 +34,6 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pdjax.model import shift_logits
 from pdjax.structure import IGNORE, MODES, Role, Segments
 
 Recipe = Literal["pdjax", "reference"]
@@ -220,7 +220,9 @@ def loss_terms(
 def _pdjax_terms(logits, tokens, seg, noise, cfg) -> LossTerms:
     ar_tgt = ar_targets(tokens, seg)
     ar_nll = token_nll(logits, ar_tgt)
-    diff_nll = token_nll(shift_logits(logits), jnp.where(noise.masked, tokens, IGNORE)) / noise.t
+    # masked token j is predicted from position j-1 (Dream's shift): its nll is read at j-1 with the targets shifted,
+    # not the logits (a shifted copy of the [B, L, V] logits was the step's largest temporary after the logits)
+    diff_nll = token_nll(logits, jnp.where(_next(noise.masked, False), _next(tokens, 0), IGNORE)) / noise.t
     response = _isin(seg.role, _RESPONSE).astype(jnp.float32)
     count = _doc_sum(response, seg.doc_id)
     ar, diffusion, weight = _normalised(ar_nll, diff_nll, count, seg, cfg.normalize)
