@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from pdjax.decode import model_forward
+from pdjax.decode.forward import full_logits
 from pdjax.model import DreamConfig, DreamModel
 from pdjax.structure import Segments, parse_response
 from structures import IDS
@@ -117,7 +118,8 @@ def test_ar_forcing_ends_at_the_given_length_and_bans_eos_before(tiny_forward):
     seq = np.arange(1, size, dtype=np.int32)[None] % 40 + 70
     pos = np.arange(seq.shape[1], dtype=np.int32)[None]
     causal = Segments(0 * pos, pos, pos, 1 + 0 * pos, 1 + 0 * pos)  # plain text, every token visible from itself
-    logits, _ = jax.jit(fwd.apply)((tiny_forward.params, jnp.asarray(table[None])), seq, causal, None)
+    params = (tiny_forward.params, jnp.asarray(table[None]))
+    logits, _ = jax.jit(lambda p, t, s: full_logits(fwd, p, t, s))(params, seq, causal)
     logits = np.asarray(logits[0])
     last = prompt_len + tokens - 1  # the position of the last response token, predicted at last - 1
     assert np.isneginf(np.delete(logits[last - 1], IDS.eos)).all() and logits[last - 1, IDS.eos] == 0
