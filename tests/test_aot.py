@@ -105,3 +105,16 @@ def test_decode_of_the_shipped_model_compiles_for_a_v6e_chip():
     # the shipped model's weights are what its config.json says they are
     assert terms["arguments"] >= report["estimate_terms"]["weights"]
     assert report["cost"]["flops"] > 0 and report["compile_s"] > 0
+
+
+def test_the_notebooks_compiled_memory_check_runs_on_any_backend():
+    """`compiled_decode_bytes` (the decode notebook's check on a TPU runtime) on this CPU: the program's bytes,
+    at least the weights of the shipped model it reads the shape of."""
+    import jax
+
+    from pdjax.aot.programs import compiled_decode_bytes, resolve_model
+
+    folder = str(ROOT / "pdjax" / "assets" / "default_model" / "pd")
+    need = compiled_decode_bytes(folder, jax.devices("cpu")[0], batch_size=1, max_length=64, buckets=(32,))
+    spec = resolve_model(folder)
+    assert spec.ids is not None and need >= spec.config.num_params * spec.config.param_dtype.itemsize

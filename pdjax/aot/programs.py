@@ -214,3 +214,18 @@ def train_program(cfg: Any, config: DreamConfig, devices: Sequence[Any], steps: 
     with jax.set_mesh(mesh):
         lowered = step.lower(*args)
     return lowered, training_estimate(cfg, config, mesh)
+
+
+def compiled_decode_bytes(config_folder: str, device: Any, *, batch_size: int, max_length: int,
+                          dtype: str | None = None, buckets: Sequence[int] | None = None, mode: str = "pd") -> int:
+    """Per-chip bytes of the `pdjax.decode` program for a model folder, from the compiler of `device`'s platform
+    (abstract weights: nothing is loaded). A folder holding only config.json decodes with the released
+    checkpoints' control ids. The notebooks check a TPU runtime's memory with it before downloading weights."""
+    spec = resolve_model(config_folder, dtype)
+    if spec.ids is None and mode != "ar":
+        spec = ModelSpec(spec.config, RELEASED_IDS, RELEASED_IDS.eos, spec.source)
+    lowered, _ = decode_program(spec, device, mode=mode, batch_size=batch_size, max_length=max_length,
+                                buckets=buckets)
+    m = lowered.compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+               + m.generated_code_size_in_bytes)
