@@ -113,6 +113,7 @@ def serving_memory(
     cache_bytes: int = 2,
     widest_call: int | None = None,
     sample_chunk: int | None = None,
+    quantize: str | None = None,
 ) -> MemoryEstimate:
     """Per-device bytes of decoding ``batch`` prompts up to ``max_length`` tokens each (`pdjax.decode`'s program).
 
@@ -122,6 +123,8 @@ def serving_memory(
     [tokens, intermediate] products, about six [tokens, hidden] buffers and two query blocks of
     attention scores (`pdjax.attention.reference.SCORE_BYTES` each); or, when larger, those of one
     sampling chunk: a few float32 [chunk, vocabulary] arrays (`pdjax.decode.decoder.sample_chunk`).
+    With ``quantize`` (int8, int4) the projections, embedding and head take 1 or 1/2 byte a value plus a
+    float32 scale per output channel (`pdjax.model.quantize`); norms and biases keep ``weight_bytes``.
     """
     from pdjax.attention.reference import SCORE_BYTES, query_block
 
@@ -141,10 +144,20 @@ def serving_memory(
 
         sample_chunk = decoder_chunk(DecodeConfig(max_length=max(max_length, 2), batch_size=batch), c.vocab_size)
     sampling = 4 * sample_chunk * c.vocab_size * 4
+    weights = c.num_params * weight_bytes
+    if quantize is not None:
+        from pdjax.model.quantize import weight_bytes as quantized_bytes
+        from pdjax.model.transformer import layer_shapes
+
+        shapes = {("layers", k): v for k, v in layer_shapes(c).items()}
+        shapes.update({("embed_tokens",): (c.vocab_size, c.hidden_size), ("norm",): (c.hidden_size,)})
+        if not c.tie_word_embeddings:
+            shapes[("lm_head",)] = (c.vocab_size, c.hidden_size)
+        weights = quantized_bytes(shapes, quantize, weight_bytes)
     return MemoryEstimate(
         "serving",
         (
-            ("weights", c.num_params * weight_bytes / tensor),
+            (f"weights ({quantize})" if quantize else "weights", weights / tensor),
             ("KV cache", cache),
             ("widest call (or sampling chunk)", max(forward, sampling)),
         ),
@@ -164,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_rank", type=int, default=0)
     p.add_argument("--serve_batch", type=int, default=8)
     p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="serving weights quantized (int8/int4)")
     return p
 
 
@@ -198,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             lora_rank=args.lora_rank,
         ).table()
     )
-    print(serving_memory(config, batch=args.serve_batch, max_length=args.max_length, tensor=args.tensor).table())
+    print(serving_memory(config, batch=args.serve_batch, max_length=args.max_length, tensor=args.tensor,
+                         quantize=args.quantize).table())
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated static call widths (default: powers of two from 32)")
         d.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                        help="weights and compute (default: the folder's, or the preset's)")
+        d.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                       help="weights quantized as pdjax.decode --quantize loads them (default: float weights)")
         if name == "serve":
             d.add_argument("--chunk", type=POSITIVE_INT, default=16, help="loop iterations per device call (default: 16)")
             d.add_argument("--schedule", choices=("auto", "split", "shared"), default="auto",
@@ -118,8 +120,10 @@ def _compile_here(args: argparse.Namespace) -> int:
         build = programs.decode_program if args.command == "decode" else programs.serve_program
         extra = {"chunk": args.chunk, "schedule": args.schedule} if args.command == "serve" else {}
         lowered, estimate = build(model, devices[0], mode=args.mode, batch_size=args.batch_size,
-                                  max_length=args.max_length, max_spans=args.max_spans, buckets=args.buckets, **extra)
-        what = f"{args.mode} {args.command} program of {model.source} (batch {args.batch_size})"
+                                  max_length=args.max_length, max_spans=args.max_spans, buckets=args.buckets,
+                                  quantize=args.quantize, **extra)
+        weights = f", {args.quantize} weights" if args.quantize else ""
+        what = f"{args.mode} {args.command} program of {model.source} (batch {args.batch_size}{weights})"
     say(f"compiling the {what} for {target.accelerator} ({target.topology}) ...")
     report = compile_lowered(lowered, what, target, estimate)
     if args.json:

@@ -79,12 +79,18 @@ def _folder_ids(path: str) -> tuple[ControlIds | None, int]:
         return None, eos_id(tokenizer)
 
 
-def abstract_forward(config: DreamConfig, sharding: Any) -> Any:
-    """The decoder's `Forward` of a model with abstract parameters placed by `sharding` (one chip)."""
-    from pdjax.decode.forward import model_forward
-    from pdjax.model import abstract_model
+def abstract_forward(config: DreamConfig, sharding: Any, quantize: str | None = None) -> Any:
+    """The decoder's `Forward` of a model with abstract parameters placed by `sharding` (one chip); with
+    ``quantize`` (int8, int4), the QArrays `pdjax.model.quantize` loads, traced from the float model."""
+    from flax import nnx
 
-    forward = model_forward(abstract_model(config))
+    from pdjax.decode.forward import model_forward
+    from pdjax.model import DreamModel, abstract_model
+    from pdjax.model.quantize import quantize_model
+
+    model = abstract_model(config) if quantize is None else nnx.eval_shape(
+        lambda: quantize_model(DreamModel(config, rngs=nnx.Rngs(0)), quantize))
+    forward = model_forward(model)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), forward.params)
     return forward._replace(params=params)
 
@@ -105,27 +111,30 @@ def _decode_config(model: ModelSpec, mode: str, batch_size: int, max_length: int
         raise UserError(str(e)) from None
 
 
-def serving_estimate(model: ModelSpec, batch: int, max_length: int, buckets: Sequence[int] = ()) -> MemoryEstimate:
+def serving_estimate(model: ModelSpec, batch: int, max_length: int, buckets: Sequence[int] = (),
+                     quantize: str | None = None) -> MemoryEstimate:
     """`pdjax.memory`'s estimate of a decoding program of `batch` rows of `max_length` on one chip."""
     c = model.config
     return serving_memory(c, batch=batch, max_length=max_length, weight_bytes=c.param_dtype.itemsize,
-                          cache_bytes=c.dtype.itemsize)
+                          cache_bytes=c.dtype.itemsize, quantize=quantize)
 
 
 def decode_program(model: ModelSpec, device: Any, *, mode: str, batch_size: int, max_length: int | None,
-                   max_spans: int = 16, buckets: Sequence[int] | None = None) -> tuple[Any, MemoryEstimate]:
+                   max_spans: int = 16, buckets: Sequence[int] | None = None, quantize: str | None = None
+                   ) -> tuple[Any, MemoryEstimate]:
     """The `pdjax.decode` program (one batch, lowered for `device`) and its analytic estimate."""
     from pdjax.decode.api import Decoder
 
     sharding = jax.sharding.SingleDeviceSharding(device)
     config = _decode_config(model, mode, batch_size, max_length, max_spans, buckets)
-    decoder = Decoder(abstract_forward(model.config, sharding), eos_id=model.eos, ids=model.ids, config=config)
-    return decoder.lower(sharding), serving_estimate(model, config.batch_size, config.max_length)
+    forward = abstract_forward(model.config, sharding, quantize)
+    decoder = Decoder(forward, eos_id=model.eos, ids=model.ids, config=config)
+    return decoder.lower(sharding), serving_estimate(model, config.batch_size, config.max_length, quantize=quantize)
 
 
 def serve_program(model: ModelSpec, device: Any, *, mode: str, batch_size: int, max_length: int | None,
                   max_spans: int = 16, buckets: Sequence[int] | None = None, chunk: int = 16,
-                  schedule: str = "auto") -> tuple[Any, MemoryEstimate]:
+                  schedule: str = "auto", quantize: str | None = None) -> tuple[Any, MemoryEstimate]:
     """The `pdjax.serve` engine's program (refill + a chunk of iterations over `batch_size` slots, lowered for
     `device`; ``auto`` schedules as on a TPU) and its analytic estimate."""
     from pdjax.decode.api import vocab_size_of
@@ -133,10 +142,11 @@ def serve_program(model: ModelSpec, device: Any, *, mode: str, batch_size: int, 
 
     sharding = jax.sharding.SingleDeviceSharding(device)
     config = _decode_config(model, mode, batch_size, max_length, max_spans, buckets)
-    forward = abstract_forward(model.config, sharding)
+    forward = abstract_forward(model.config, sharding, quantize)
     slots = Slots(forward, eos_id=model.eos, ids=model.ids, config=config, vocab_size=vocab_size_of(forward),
                   schedule=schedule)
-    return slots.lower(sharding, iterations=chunk), serving_estimate(model, config.batch_size, config.max_length)
+    estimate = serving_estimate(model, config.batch_size, config.max_length, quantize=quantize)
+    return slots.lower(sharding, iterations=chunk), estimate
 
 
 # ---- training ---------------------------------------------------------------------------------------------
@@ -217,7 +227,8 @@ def train_program(cfg: Any, config: DreamConfig, devices: Sequence[Any], steps: 
 
 
 def compiled_decode_bytes(config_folder: str, device: Any, *, batch_size: int, max_length: int,
-                          dtype: str | None = None, buckets: Sequence[int] | None = None, mode: str = "pd") -> int:
+                          dtype: str | None = None, buckets: Sequence[int] | None = None, mode: str = "pd",
+                          quantize: str | None = None) -> int:
     """Per-chip bytes of the `pdjax.decode` program for a model folder, from the compiler of `device`'s platform
     (abstract weights: nothing is loaded). A folder holding only config.json decodes with the released
     checkpoints' control ids. The notebooks check a TPU runtime's memory with it before downloading weights."""
@@ -225,7 +236,7 @@ def compiled_decode_bytes(config_folder: str, device: Any, *, batch_size: int, m
     if spec.ids is None and mode != "ar":
         spec = ModelSpec(spec.config, RELEASED_IDS, RELEASED_IDS.eos, spec.source)
     lowered, _ = decode_program(spec, device, mode=mode, batch_size=batch_size, max_length=max_length,
-                                buckets=buckets)
+                                buckets=buckets, quantize=quantize)
     m = lowered.compile().memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
                + m.generated_code_size_in_bytes)

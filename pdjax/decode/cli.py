@@ -26,6 +26,8 @@ from pdjax.cli_errors import (  # UserError: the one-line error type of every pd
 )
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, default_model_path, read_model_info
 
+QUANTIZE_CHOICES = ("int8", "int4")  # pdjax.model.quantize's types (not imported here: --help stays light)
+
 DEFAULT_MODEL = Path(default_model_path("pd"))  # the shipped planned-diffusion model
 DEFAULT_MAX_LENGTH = 2048  # the released decoder's default; lower when the model's positions end earlier
 SPAN_COLOURS = ("cyan", "magenta", "blue", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default=None,
                      help="a local HF-layout folder (config.json, safetensors, tokenizer) or a Hugging Face id "
                      "(default: the shipped model of --mode, pdjax/assets/default_model/{pd,ar,diffusion})")
+    src.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                     help="weight-only quantization at load time with qwix: the projections, embedding and head as "
+                     "int8 (or int4) with per-channel scales, quantized tensor by tensor as the checkpoint is read "
+                     "(default: the checkpoint's float weights)")
     src.add_argument("--no_chat_template", action="store_true",
                      help="tokenize prompts as-is instead of the chat template with the system prompt")
     dec = p.add_argument_group("decoding")
@@ -166,6 +172,7 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
     from pdjax.decode.decoder import DecodeConfig
     from pdjax.model import load_pretrained
     from pdjax.model.checkpoint import check_model_folder
+    from pdjax.model.quantize import weight_format
     from pdjax.model.tokenizer import control_ids, load_tokenizer
     from pdjax.structure import MissingControlTokens
 
@@ -184,7 +191,9 @@ def build(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
         ids = None
     buckets = args.buckets or ()
     try:
-        model = load_pretrained(path, device=getattr(args, "device", None))  # serve --replicas: one per device
+        model = load_pretrained(path, device=getattr(args, "device", None),  # serve --replicas: one per device
+                                quantize=getattr(args, "quantize", None))
+        args.weights = weight_format(model)  # what ran, for the output
         if args.max_length is None:  # the positions the model was trained for, as the released decoder's 2048 at most
             args.max_length = default_max_length(model.config)
         config = DecodeConfig(mode=args.mode, max_length=args.max_length, batch_size=args.batch_size,
@@ -205,8 +214,10 @@ def answer_ids(decoder: Any, prompt_ids: list[int], token_ids: list[int], ids: A
     return token_ids[: token_ids.index(eos)] if eos in token_ids else list(token_ids)
 
 
-def render(console: Any, tokenizer: Any, prompt: str, result: Any, ids: Any, text: str, mode: str) -> None:
-    """The terminal view: the plan with each span in its own colour, then the clean answer and a stats line."""
+def render(console: Any, tokenizer: Any, prompt: str, result: Any, ids: Any, text: str, mode: str,
+           weights: str | None = None) -> None:
+    """The terminal view: the plan with each span in its own colour, then the clean answer and a stats line
+    (ending with the weights' format, e.g. int8, when given)."""
     from rich.panel import Panel
     from rich.rule import Rule
     from rich.text import Text
@@ -236,7 +247,7 @@ def render(console: Any, tokenizer: Any, prompt: str, result: Any, ids: Any, tex
                 view.append("\n── sync ──\n", style="dim")
         console.print(Panel(view, title="plan and spans", border_style="green"))
     console.print(Panel(Text(text), title="answer", border_style="white"))
-    console.print(Text(result.stats.line(), style="cyan"))
+    console.print(Text(result.stats.line() + (f"; weights {weights}" if weights else ""), style="cyan"))
     for row in result.stats.phase_lines():  # --profile
         console.print(Text(row, style="dim cyan"))
 
@@ -340,6 +351,7 @@ def _run_dream(args: argparse.Namespace) -> int:
     from pdjax.decode.dream import DreamOptions, DreamSamplerConfig, answer_text, dream_decoder
     from pdjax.decode.forward import model_forward
     from pdjax.model import load_pretrained
+    from pdjax.model.quantize import weight_format
     from pdjax.model.tokenizer import chat_prompt_ids, load_tokenizer, special_ids
 
     prompts = read_prompts(args)
@@ -352,7 +364,8 @@ def _run_dream(args: argparse.Namespace) -> int:
                                max_new_tokens=max_new_tokens)
         tokenizer = load_tokenizer(path)
         special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer
-        model = load_pretrained(path)
+        model = load_pretrained(path, quantize=args.quantize)
+        args.weights = weight_format(model)
         max_length = args.max_length or default_max_length(model.config)
         config = DreamSamplerConfig(max_length=max_length, batch_size=args.batch_size,
                                     buckets=tuple(args.buckets or ()))
@@ -376,11 +389,12 @@ def print_results(args: argparse.Namespace, tokenizer: Any, prompts: Sequence[st
         console = Console()
     for prompt, result, text in zip(prompts, results, texts):
         if args.json:
-            record = {"prompt": prompt, "mode": args.mode, "text": text, "token_ids": result.token_ids,
+            record = {"prompt": prompt, "mode": args.mode, "weights": getattr(args, "weights", None), "text": text,
+                      "token_ids": result.token_ids,
                       "finish_reason": result.stats.finish_reason, "stats": result.stats.to_dict()}
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
-            render(console, tokenizer, prompt, result, ids, text, args.mode)
+            render(console, tokenizer, prompt, result, ids, text, args.mode, getattr(args, "weights", None))
 
 
 def default_max_length(model_config: Any) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from pdjax import compile_cache
 from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, buckets_type, cli_main, number_type
 from pdjax.decode import ALGS, DECODE_MODES, DecodeConfig, DecodeInputError, DecodeOptions
-from pdjax.decode.cli import resolve_model
+from pdjax.decode.cli import QUANTIZE_CHOICES, resolve_model
 from pdjax.decode.model_info import DEFAULT_DIFFUSION_MASKS, read_model_info
 from pdjax.eval.prompts import PromptError
 from pdjax.eval.store import FormatError, SettingsMismatch
@@ -79,6 +79,9 @@ def _add_generate(sub: Any) -> None:
     r.add_argument("--buckets", type=buckets_type, default=(), help="comma-separated window sizes (default: powers of two)")
     r.add_argument("--attention_impl", default=None, help="xla, pallas_tpu, splash_dense (default: the model's)")
     r.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: stored)")
+    r.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="weight-only int8/int4 quantization at load time, as pdjax.decode (the default generator "
+                   "name ends in -int8 / -int4)")
     compile_cache.add_flag(r)
     k = g.add_argument_group("decoding knobs (METHOD §4)")
     k.add_argument("--steps_ratio", type=float, default=d.steps_ratio)
@@ -218,12 +221,16 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--devices {args.devices}: this host has {len(local)} local device(s)")
     prompts = load_prompts(args.prompts, args.num_samples)
     model = load_eval_model(model_path, config, chat_template=not args.no_chat_template,
-                            system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl)
-    generator = args.generator or default_generator(model.name, args.mode, options)
+                            system_prompt=args.system_prompt, dtype=args.dtype, attention_impl=args.attention_impl,
+                            quantize=args.quantize)
+    quantized = f"-{args.quantize}" if args.quantize else ""
+    generator = args.generator or default_generator(model.name, args.mode, options) + quantized
     devices = local[: args.devices] if args.devices > 1 else None
     console = _console()
     settings = {"model": os.path.abspath(model_path), "prompt_source": args.prompts, "dtype": args.dtype,
                 "attention_impl": args.attention_impl}
+    if args.quantize:  # absent otherwise, so runs written before the flag existed still resume
+        settings["quantize"] = args.quantize
 
     from rich.progress import Progress
 

@@ -64,9 +64,10 @@ def decode_config(mode: str, *, max_length: int = PD_MAX_LENGTH, batch_size: int
 
 def load_heldout_model(path: str | os.PathLike, mode: str, prompts: Sequence[Prompt], *,
                        max_length: int = PD_MAX_LENGTH, batch_size: int | None = None, masks: int | None = None,
-                       profile: bool = False, dtype: str = "float32") -> EvalModel:
-    """An `EvalModel` of `path` with `decode_config(mode)`, sized for `prompts` (diffusion: longest + masks)."""
-    model = load_eval_model(str(path), DecodeConfig(mode=mode, max_length=max_length), dtype=dtype)
+                       profile: bool = False, dtype: str = "float32", quantize: str | None = None) -> EvalModel:
+    """An `EvalModel` of `path` with `decode_config(mode)`, sized for `prompts` (diffusion: longest + masks);
+    ``quantize`` (int8, int4) quantizes its weights as they load."""
+    model = load_eval_model(str(path), DecodeConfig(mode=mode, max_length=max_length), dtype=dtype, quantize=quantize)
     longest = max(len(model.encode(p.instruction)) for p in prompts) if prompts else 1
     config = decode_config(mode, max_length=max_length, batch_size=batch_size, masks=masks, longest_prompt=longest,
                            profile=profile)

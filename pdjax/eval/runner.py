@@ -103,8 +103,10 @@ class EvalModel:
 
 
 def load_eval_model(path: str, config: DecodeConfig, *, chat_template: bool = True, system_prompt: str | None = None,
-                    dtype: str | None = None, attention_impl: str | None = None) -> EvalModel:
-    """An `EvalModel` from a Hugging Face folder (config.json, safetensors, tokenizer files)."""
+                    dtype: str | None = None, attention_impl: str | None = None, quantize: str | None = None
+                    ) -> EvalModel:
+    """An `EvalModel` from a Hugging Face folder (config.json, safetensors, tokenizer files); ``quantize``
+    (int8, int4) quantizes its weights while they load (`pdjax.model.quantize`)."""
     from pdjax.model import load_pretrained
     from pdjax.model.tokenizer import load_tokenizer, special_ids
 
@@ -113,7 +115,7 @@ def load_eval_model(path: str, config: DecodeConfig, *, chat_template: bool = Tr
         overrides["attention_impl"] = attention_impl
     if dtype is not None:
         overrides.update(dtype=dtype, param_dtype=dtype)
-    model = load_pretrained(path, **overrides)
+    model = load_pretrained(path, quantize=quantize, **overrides)
     name = os.path.basename(os.path.normpath(path))
     tokenizer = load_tokenizer(path)
     special = special_ids(path, tokenizer)  # the configs' ids, checked against the tokenizer

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from pdjax.cli_errors import UserError
+from pdjax.model import quantize as quantizer
 from pdjax.model.config import DreamConfig
 from pdjax.model.sharding import Rules, state_shardings
 from pdjax.model.transformer import DreamModel, layer_shapes
@@ -296,6 +297,7 @@ def load_pretrained(
     dtype: Any = None,
     param_dtype: Any = None,
     device: jax.Device | None = None,
+    quantize: str | None = None,
     **config_overrides: Any,
 ) -> DreamModel:
     """A DreamModel from a HF folder (config.json + safetensors), each parameter loaded straight into its sharding.
@@ -303,6 +305,8 @@ def load_pretrained(
     ``mesh``/``rules`` choose the sharding (default: all on ``device``, else this process's first
     device). ``param_dtype``
     defaults to the checkpoint's recorded dtype, ``dtype`` (compute) to ``param_dtype``.
+    ``quantize`` (int8, int4) quantizes the projections, embedding and head while they are read
+    (`pdjax.model.quantize`): the host holds one float slice at a time beside the quantized weight.
     Other keyword arguments override `DreamConfig` fields (e.g. attention_impl, remat).
     """
     path = os.fspath(path)
@@ -317,6 +321,9 @@ def load_pretrained(
         config = config.replace(dtype=dtype)
     stored = read_headers(path)
     check_tensors(config, stored)
+    if quantize is not None:
+        quantizer.qtype_of(quantize)
+        quantizer.check_float_checkpoint(path, {name: s.dtype for name, s in stored.items()})
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DreamModel(config, rngs=nnx.Rngs(0))))
     if mesh is not None:
@@ -335,7 +342,12 @@ def load_pretrained(
         value = var.get_value()
         sharding = flat_shardings[key].get_value()
         target = np.dtype(value.dtype)
-        array = _load_array(lambda box, tm=tm: _read_block(path, stored, tm, box, target), tuple(value.shape), sharding)
+        if quantize is not None and key in quantizer.CONTRACTED:
+            read = lambda box, tm=tm: _read_block(path, stored, tm, box, np.dtype(np.float32))  # noqa: E731
+            array = quantizer.load_weight(read, tuple(value.shape), sharding, key, quantize, _load_array)
+        else:
+            array = _load_array(lambda box, tm=tm: _read_block(path, stored, tm, box, target), tuple(value.shape),
+                                sharding)
         var.set_value(array)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -397,6 +409,8 @@ def save_pretrained(
     In multi-host runs every process must call this; process 0 writes.
     Returns the written weight file names.
     """
+    if quantizer.weight_format(model) in quantizer.QTYPES:  # pdjax quantizes at load time; it writes float folders
+        raise quantizer.QuantizeError("a quantized model is not saved: save the float model, and load it with --quantize")
     path = os.fspath(path)
     limit = _parse_size(max_shard_size)
     out_dtype = None if dtype is None else np.dtype(dtype)

@@ -10,6 +10,9 @@ Attention always goes through `pdjax.attention.attention` with the segment ids
 of queries and keys, so the mask is the METHOD §2 rule (causal, bidirectional,
 planned or dense groups alike) and the XLA reference and TPU kernels are
 interchangeable.
+
+Projections, the embedding and the head may hold `qwix.QArray` weights (`pdjax.model.quantize`): the
+matmuls and the embedding lookup go through that module's `einsum` and `take_rows`, which read them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pdjax.attention.reference import SCORE_BYTES
 from pdjax.model.cache import KVCache, read_kv, write_kv, write_segments
 from pdjax.model.config import DreamConfig
 from pdjax.model.layers import apply_rope, normal, ones, param, rms_norm, rope_tables, zeros
+from pdjax.model.quantize import einsum, take_rows
 from pdjax.model.sharding import constrain, logical_to_spec
 from pdjax.structure import Segments
 
@@ -136,9 +140,9 @@ class DecoderLayers(nnx.Module):
                   index: jax.Array | None = None):
             w = {name: value.astype(c.dtype) for name, value in w.items()}
             h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
-            q = jnp.einsum("btd,nhd->btnh", h, w["q_proj"]) + w["q_bias"]
-            k = jnp.einsum("btd,khd->btkh", h, w["k_proj"]) + w["k_bias"]
-            v = jnp.einsum("btd,khd->btkh", h, w["v_proj"]) + w["v_bias"]
+            q = einsum("btd,nhd->btnh", h, w["q_proj"]) + w["q_bias"]
+            k = einsum("btd,khd->btkh", h, w["k_proj"]) + w["k_bias"]
+            v = einsum("btd,khd->btkh", h, w["v_proj"]) + w["v_bias"]
             q = constrain(apply_rope(q, *rope), ("act_batch", "act_length", "act_heads", None), c.axis_rules)
             k = constrain(apply_rope(k, *rope), ("act_batch", "act_length", "act_kv_heads", None), c.axis_rules)
             v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None), c.axis_rules)
@@ -148,13 +152,13 @@ class DecoderLayers(nnx.Module):
                 k = read_kv(stack_k, index, c.num_kv_heads).astype(c.dtype)
                 v = read_kv(stack_v, index, c.num_kv_heads).astype(c.dtype)
             out = attend(q, k, v, q_seg, kv_seg, c, cached=stack_k is not None)
-            x = x + jnp.einsum("btnh,dnh->btd", out, w["o_proj"])
+            x = x + einsum("btnh,dnh->btd", out, w["o_proj"])
             x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
             h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
-            gate = jnp.einsum("btd,fd->btf", h, w["gate_proj"])
-            up = jnp.einsum("btd,fd->btf", h, w["up_proj"])
+            gate = einsum("btd,fd->btf", h, w["gate_proj"])
+            up = einsum("btd,fd->btf", h, w["up_proj"])
             hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"), c.axis_rules)
-            x = x + jnp.einsum("btf,df->btd", hidden, w["down_proj"])
+            x = x + einsum("btf,df->btd", hidden, w["down_proj"])
             x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
             return x, stack_k, stack_v
 
@@ -218,7 +222,7 @@ class DreamModel(nnx.Module):
         c = self.config
         tokens = jnp.asarray(tokens, jnp.int32)
         segments = Segments(*(jnp.asarray(a, jnp.int32) for a in segments))
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(c.dtype)
+        x = take_rows(self.embed_tokens[...], tokens).astype(c.dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"), c.axis_rules)
         rope = rope_tables(segments.position, c.head_dim, c.rope_theta)
         if cache is None:
@@ -234,7 +238,7 @@ class DreamModel(nnx.Module):
         """float32 logits [..., V] of hidden states [..., D] (the LM head, or the tied embedding)."""
         c = self.config
         head = self.embed_tokens[...] if c.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("...d,vd->...v", hidden, head.astype(c.dtype), preferred_element_type=jnp.float32)
+        logits = einsum("...d,vd->...v", hidden, head.astype(c.dtype), preferred_element_type=jnp.float32)
         if logits.ndim == 3:
             logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), c.axis_rules)
         return logits

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from pdjax.decode.api import DecodeInputError, DecodeResult
+from pdjax.model.quantize import weight_format
 from pdjax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
 from pdjax.serve.access import AccessMiddleware, KeyCheck, RequestRecord, request_record
 from pdjax.serve.engine import Engine, EngineStopped, QueueFull, Ticket, Update
@@ -74,6 +75,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
     app.add_middleware(AccessMiddleware, keys=keys, on_end=metrics.request_ended)
     decoder = engine.decoder
     ids = decoder.ids
+    weights = weight_format(decoder.forward.params)  # int8 / int4 when quantized, else the float dtype
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,7 +115,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, drain_timeout
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "pdjax",
-                "max_model_len": engine.config.max_length}
+                "max_model_len": engine.config.max_length, "weights": weights}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from pdjax import compile_cache
 from pdjax.cli_errors import NON_NEGATIVE_INT, POSITIVE_INT, UserError, buckets_type, cli_main, number_type
+from pdjax.decode.cli import QUANTIZE_CHOICES
 from pdjax.decode.slots import SCHEDULES
 from pdjax.serve.access import ACCESS_LOGGER, check_api_key
 
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served_model_name", default=None,
                    help="the model id clients send and GET /v1/models lists (default: --model, or 'pdjax-default')")
     p.add_argument("--mode", choices=("pd", "ar", "diffusion"), default="pd", help="decoding mode (default: pd)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="weight-only int8 (or int4) quantization at load time with qwix, as in pdjax.decode; "
+                   "GET /v1/models says which weights are served (default: the checkpoint's float weights)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--api-key", "--api_key", dest="api_key", action="append", type=_api_key_type, default=None,
@@ -180,13 +184,14 @@ def _serve(args: argparse.Namespace) -> int:
     compile_cache.enable(disabled=args.no_compilation_cache)
     import uvicorn
 
+    from pdjax.model.quantize import weight_format
     from pdjax.serve.app import create_app
     from pdjax.serve.engine import Engine, Replicas
 
     t0 = time.perf_counter()
     build_args = argparse.Namespace(model=args.model, mode=args.mode, max_length=args.max_length,
                                     batch_size=args.batch_size, max_spans=args.max_spans, buckets=args.buckets,
-                                    profile=False)
+                                    profile=False, quantize=args.quantize)
     path = resolve_model(args.model, args.mode)
     if args.replicas == 1:
         decoder, tokenizer, _ = build(build_args, path)
@@ -210,7 +215,9 @@ def _serve(args: argparse.Namespace) -> int:
                           static=args.batching == "static", schedule=args.schedule)
     args.max_length = engine.config.max_length  # the model's default when not given
     name = args.served_model_name or args.model or "pdjax-default"
-    print(f"pdjax.serve: loaded {name} ({args.mode}) in {time.perf_counter() - t0:.1f} s; compiling ...", flush=True)
+    weights = weight_format(engine.decoder.forward.params)
+    print(f"pdjax.serve: loaded {name} ({args.mode}, {weights} weights) in {time.perf_counter() - t0:.1f} s; "
+          "compiling ...", flush=True)
     seconds = engine.warmup()
     replicas = f"{args.replicas} replicas x " if args.replicas > 1 else ""
     print(f"pdjax.serve: compiled the serving program in {seconds:.1f} s ({engine.slots.compiled_programs()} "
