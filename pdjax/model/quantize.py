@@ -74,6 +74,10 @@ def einsum(spec: str, x: jax.Array, w: Any, **kwargs: Any) -> jax.Array:
 def take_rows(table: Any, ids: jax.Array) -> jax.Array:
     """``table[ids]`` (an embedding lookup); a quantized table's rows are taken with their scales, then dequantized."""
     if isinstance(table, qwix.QArray):
+        if ids.size == 1:  # TPU's XLA gathers one int8 row by relayouting the whole table (1.1 GB per Dream-7B
+            # AR step at batch 1, per its cost analysis); two rows it gathers in place
+            two = jnp.concatenate([ids.reshape(-1)] * 2)
+            return qwix.dequantize(table[two])[:1].reshape(*ids.shape, -1)
         return qwix.dequantize(table[ids])
     return jnp.take(table, ids, axis=0)
 
