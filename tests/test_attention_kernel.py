@@ -89,7 +89,7 @@ def test_kernel_matches_reference_on_cache_queries(kernel, reference, views, see
 @given(cache_batches(length=LENGTH, window=WINDOW, batch=2), st.integers(0, 2**16))
 def test_reference_in_query_blocks_equals_whole_rows(reference, views, seed):
     """A decoding call's bounded scores: queries in blocks (here of 8, with a padded last block) give each row the
-    values of the whole-row computation, bit for bit."""
+    values of the whole-row computation, to float32 rounding (XLA may sum a block's dot products in another order)."""
     from pdjax.attention.reference import query_block
 
     q_seg, kv_seg = views
@@ -98,9 +98,10 @@ def test_reference_in_query_blocks_equals_whole_rows(reference, views, seed):
     q, k, v, _ = _inputs(seed, 2, t, LENGTH)
     budget = 2 * HEADS * LENGTH * 4 * 8  # the scores of 8 queries
     assert query_block(2, t, HEADS, LENGTH, budget) == 8 and query_block(2, t, HEADS, LENGTH, 10 * budget) == t
+    assert query_block(2, t, HEADS, LENGTH, budget // 64) == 8  # not even one query's scores fit: the smallest block
     whole = jax.jit(reference_attention)(q, k, v, q_seg, kv_seg)
     blocks = jax.jit(functools.partial(reference_attention, score_bytes=budget))(q, k, v, q_seg, kv_seg)
-    np.testing.assert_array_equal(np.asarray(blocks), np.asarray(whole))
+    np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), rtol=1e-5, atol=1e-6)
 
 
 # The paper's Aurora example (as in test_structure_masks): two rounds, one <sync/>, a final group.

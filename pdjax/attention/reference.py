@@ -56,11 +56,11 @@ def reference_attention(
 
 def query_block(batch: int, queries: int, heads: int, keys: int, score_bytes: int = SCORE_BYTES) -> int:
     """Queries per block: all of them when their scores fit `score_bytes`, else the largest power of two (>= 8)
-    whose scores do."""
+    whose scores do (8 when even 8 queries' scores do not: many rows over a long cache)."""
     per_query = batch * heads * keys * 4
     if queries * per_query <= score_bytes:
         return queries
-    return max(8, 1 << ((score_bytes // per_query).bit_length() - 1))
+    return max(8, 1 << max(0, (score_bytes // per_query).bit_length() - 1))
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: Segments, kv_seg: Segments, scale: float) -> jax.Array:
