@@ -95,7 +95,8 @@ def _aot(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
 
 @needs_libtpu
 def test_decode_of_the_shipped_model_compiles_for_a_v6e_chip():
-    proc = _aot("decode", "--model", "pdjax/assets/default_model/pd", "--topology", "v6e-1", "--max_length", "128")
+    proc = _aot("decode", "--model", "pdjax/assets/default_model/pd", "--topology", "v6e-1", "--max_length", "128",
+                "--buckets", "128")  # one call width: the cheapest compile
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["fits"] and report["topology"] == "v6e:1x1" and report["hbm_bytes"] == 32 * 10**9
