@@ -3,7 +3,8 @@
 Two tables, each from `python -m pdjax.aot ... --json` runs made by this script in one go:
 
 - ``--table attention``: the Dream-7B train step of each TPU config with ``attention_impl`` xla and
-  pallas_tpu, at 2,048 and 8,192 tokens a row: per-chip compiled memory, and the compiler's cost
+  pallas_tpu, at 2,048 and 8,192 tokens a row: per-chip compiled memory beside `pdjax.memory`'s estimate, and
+  the compiler's cost
   estimate (flops, bytes accessed, optimal seconds; a scan over layers is counted once, so these
   are one layer's worth plus what is outside the scan: compare impls, not absolute step times).
 - ``--table decoders``: Dream-7B's pd / ar / diffusion decoders (and the serving program) on one chip:
@@ -50,12 +51,13 @@ def attention_table(lengths: list[int]) -> None:
                 reports[impl] = aot("train", "--config", config, "--topology", slice_, f"model.attention_impl={impl}",
                                     f"data.row_length={length}")
             rows.append((config, slice_, length, reports))
-    print(f"{'config':<36} {'slice':<7} {'row':>5} {'attention':<10} {'GiB/chip':>8} {'fits':>5} "
+    print(f"{'config':<36} {'slice':<7} {'row':>5} {'attention':<10} {'GiB/chip':>8} {'estimate':>8} {'fits':>5} "
           f"{'GFLOP':>9} {'GB accessed':>11} {'optimal ms':>10} {'compile s':>9}")
     for config, slice_, length, reports in rows:
         for impl, r in reports.items():
             cost = r.get("cost") or {}
             print(f"{Path(config).name:<36} {slice_:<7} {length:>5} {impl:<10} {gib(r['total_bytes']):>8} "
+                  f"{gib(r['estimate_bytes']):>8} "
                   f"{'yes' if r['fits'] else 'no':>5} {cost.get('flops', 0) / 1e9:>9.1f} "
                   f"{cost.get('bytes_accessed', 0) / 1e9:>11.2f} {cost.get('optimal_seconds', 0) * 1e3:>10.2f} "
                   f"{r['compile_s']:>9.1f}")

@@ -8,9 +8,10 @@ term by term so a user can see where the memory goes before renting a slice:
   activations kept for the backward pass under the chosen remat policy; the
   float32 logits and their gradient (vocabulary sharded over tensor).
 - serving: weights, the KV cache (kv heads sharded over tensor when they divide)
-  and the logits of the widest decode call.
+  and the larger of the widest decode call's activations and one sampling chunk's logits.
 
-XLA adds temporaries and fragmentation on top; keep ~20% headroom.
+XLA adds temporaries and fragmentation on top; keep ~20% headroom, or ask the TPU compiler
+itself with `python -m pdjax.aot` (docs/tpu.md).
 """
 
 from __future__ import annotations
