@@ -319,6 +319,7 @@ def test_dream_7b_int8_decoders_fit_one_v5e_chip():
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, env=topology.compile_environment(), timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    print(proc.stdout)  # the three reports, for `pytest -s`
     reports = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["what"] for r in reports] == ["pd", "ar", "diffusion"]
     for r in reports:
