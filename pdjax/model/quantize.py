@@ -43,7 +43,7 @@ CONTRACTED: dict[tuple[str, ...], tuple[int, ...]] = {
     ("layers", "up_proj"): (2,),
     ("layers", "down_proj"): (2,),
 }
-READ_BYTES = 256 * 2**20  # float32 bytes of one slice read and quantized at a time while loading
+READ_BYTES = 64 * 2**20  # float32 bytes of one slice read and quantized at a time while loading (one layer at least)
 
 
 class QuantizeError(UserError, ValueError):
