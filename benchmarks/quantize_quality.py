@@ -57,7 +57,13 @@ def prefix_share(reference: Sequence[int], other: Sequence[int]) -> float:
 
 def measure(folder: str, mode: str, rows: Sequence[dict[str, Any]], weights: Sequence[str | None]) -> list[dict]:
     """One row per weight format (None first: the checkpoint's own weights) for one model and mode."""
-    from pdjax.eval.heldout import decode_and_score, decode_options, diffusion_masks, heldout_prompts, load_heldout_model
+    from pdjax.eval.heldout import (
+        decode_and_score,
+        decode_options,
+        diffusion_masks,
+        heldout_prompts,
+        load_heldout_model,
+    )
 
     masks = diffusion_masks(folder) if mode == "diffusion" else None
     options = decode_options(mode, masks=masks)
