@@ -162,8 +162,12 @@ def test_model_card_states_both_training_stages(tmp_path):
     assert "seed 0" in stage2 and f"batch {pd.data.batch_size} rows of {pd.data.row_length} tokens" in stage2
     diffusion = tool.training_recipe(str(ROOT / "configs" / "default_model_v2_diffusion.yaml"))
     assert f"filled with `<|im_end|>` to {fill} tokens" in diffusion
-    single = tool.training_recipe(str(ROOT / "configs" / "default_model.yaml"))
-    assert "stage" not in single and "1000 steps of the hybrid loss" in single
+    single = tool.training_recipe(str(ROOT / "configs" / "default_model_ar.yaml"))
+    assert "stage" not in single and "1000 steps of the AR loss" in single
+    # the shipped PD model starts from the shipped AR folder: its card names the stage-1 config
+    shipped = tool.training_recipe(str(ROOT / "configs" / "default_model.yaml")).splitlines()
+    assert "stage 1, the shipped model `pdjax/assets/default_model/ar`" in shipped[0] and "default_model_ar.yaml" in shipped[0]
+    assert "stage 2" in shipped[1] and "configs/default_model.yaml" in shipped[1] and "of the hybrid loss" in shipped[1]
     # a stage-2 config whose stage 1 cannot be found is refused
     lonely = tmp_path / "stage2.yaml"
     lonely.write_text((ROOT / "configs" / "default_model_v2.yaml").read_text())
