@@ -46,10 +46,15 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _lora_params(c: DreamConfig, rank: int) -> int:
+def _lora_dims(c: DreamConfig) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each projection LoRA targets."""
     d, f, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     dims = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
-    return c.num_layers * sum(rank * (i + o) for i, o in (dims[t] for t in _LORA_TARGETS))
+    return [dims[t] for t in _LORA_TARGETS]
+
+
+def _lora_params(c: DreamConfig, rank: int) -> int:
+    return c.num_layers * sum(rank * (i + o) for i, o in _lora_dims(c))
 
 
 def _activation_bytes_per_token_layer(c: DreamConfig, remat: str, tensor: int, compute_bytes: int) -> float:
@@ -92,6 +97,10 @@ def training_memory(
     if lora_rank:
         r = _lora_params(c, lora_rank)
         terms += [("LoRA params + grads + AdamW", r * (param_bytes + param_bytes + 2 * optimizer_bytes) / shards)]
+        # pdjax.train.lora.apply_lora merges every layer's targeted weights into float32 W + scale * b @ a before
+        # the layer scan, and the backward pass holds the same-shaped cotangent (seen in the compiled v6e-8 step)
+        targeted = c.num_layers * sum(i * o for i, o in _lora_dims(c))
+        terms += [("LoRA-merged weights + their gradient (f32)", 2 * targeted * 4 / shards)]
     else:
         terms += [("gradients", n * param_bytes / shards), ("AdamW moments", 2 * n * optimizer_bytes / shards)]
     tokens = batch_per_device / grad_accum * seq_len  # activations live one micro-batch at a time

@@ -41,6 +41,8 @@ def test_activation_and_logit_terms_by_hand():
     lora = dict(training_memory(c, batch_per_device=1, seq_len=8, fsdp=1, lora_rank=4).terms)
     per_layer = 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 256) * 2 + (256 + 64))
     assert lora["LoRA params + grads + AdamW"] == 2 * per_layer * (4 + 4 + 8)
+    merged = 64 * 64 + 64 * 32 * 2 + 64 * 64 + 64 * 256 * 3  # q, k, v, o, gate, up, down weights of one layer
+    assert lora["LoRA-merged weights + their gradient (f32)"] == 2 * 2 * merged * 4
     assert "gradients" not in lora
 
 
