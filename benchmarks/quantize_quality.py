@@ -18,7 +18,6 @@ with max_length 512, diffusion with the model's own number of masks. Per mode an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -27,15 +26,6 @@ import time
 from typing import Any, Sequence
 
 MODES = ("ar", "diffusion", "pd")
-
-
-def weights_sha256(folder: str) -> str:
-    """SHA-256 of a folder's model.safetensors (which weights a row was measured on)."""
-    digest = hashlib.sha256()
-    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_rows(path: str, limit: int | None) -> list[dict[str, Any]]:
@@ -67,6 +57,8 @@ def measure(folder: str, mode: str, rows: Sequence[dict[str, Any]], weights: Seq
 
     masks = diffusion_masks(folder) if mode == "diffusion" else None
     options = decode_options(mode, masks=masks)
+    from pdjax.decode.model_info import weights_sha256
+
     sha = weights_sha256(folder)
     out, reference = [], None
     for quantize in weights:

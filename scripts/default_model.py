@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import os
 import re
@@ -75,6 +74,7 @@ def evaluate(
     Returns the summary with per-shape splits; `records_path` gets one JSON line per prompt (its id, spans,
     model calls, facts right and answer).
     """
+    from pdjax.decode.model_info import weights_sha256
     from pdjax.eval.heldout import (
         PD_MAX_LENGTH,
         decode_and_score,
@@ -127,15 +127,6 @@ def evaluate(
         for r, c, rec in list(zip(rows, checks, records))[:6]
     ]
     return summary
-
-
-def weights_sha256(model_dir: str) -> str:
-    """SHA-256 of a folder's model.safetensors: which weights a summary was measured on."""
-    digest = hashlib.sha256()
-    with open(os.path.join(model_dir, "model.safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 MODEL_CARD = """\
@@ -331,6 +322,8 @@ def figures(dst: str, mode: str, summaries: Sequence[dict]) -> str:
 
     Every summary must have been measured on the shipped folder of its mode next to `dst` (same weights).
     """
+    from pdjax.decode.model_info import weights_sha256
+
     by_mode = {s["mode"]: s for s in summaries}
     if mode not in by_mode:
         raise SystemExit(f"no --metrics summary of mode {mode} for {dst}")

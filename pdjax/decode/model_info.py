@@ -11,6 +11,7 @@ CLI's defaults and no mode check. The shipped default models live in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import os
@@ -77,3 +78,12 @@ def write_generation_config(path: str | os.PathLike, mode: str, max_new_tokens: 
     with open(file, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+def weights_sha256(folder: str) -> str:
+    """SHA-256 of a folder's model.safetensors: which weights a measurement was taken on."""
+    digest = hashlib.sha256()
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
